@@ -1,0 +1,49 @@
+# The few verbs people type. Every target creates the virtual environment it needs first.
+#   make demo   set up and run the main job
+#   make test   set up and run the test suite (what CI runs)
+#   make bench  set up and run the CPU benchmarks (writes benchmarks/results/)
+#   make lint   ruff
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup demo test test-cpu test-interpret bench lint clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	@# torch first: on a machine without an NVIDIA GPU take the CPU build (2.13.0 lies on this
+	@# machine's disk); an unpinned torch would pull a multi-GB CUDA build.
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing torch with CUDA"; $(PIP) install "torch>=2.4"; \
+	else \
+		echo "no NVIDIA GPU: installing the CPU build of torch"; $(PIP) install torch==2.13.0; \
+	fi
+	$(PIP) install -e ".[dev,train,plot]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/rid-fast env
+	$(VENV)/bin/rid-fast bench --estimator infonce --batch 4096 --impl torch reference --memory
+
+# The Triton-interpreter tier is its own invocation: TRITON_INTERPRET must be set before Python
+# starts (it is read when kernels are decorated). pytest's exit code 5 means "no tests collected".
+test: setup test-cpu test-interpret
+
+test-cpu: setup
+	$(PY) -m pytest -m "not interpret and not gpu"
+
+test-interpret: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -m interpret; code=$$?; [ $$code -eq 0 ] || [ $$code -eq 5 ]
+
+bench: setup
+	$(PY) benchmarks/run_cpu.py
+
+lint: setup
+	$(VENV)/bin/ruff check rid_fast kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,58 @@
+"""Fused Triton kernels for the score-matrix reductions (installed as ``rid_fast.kernels``).
+
+This module is the ``"triton"`` backend of :mod:`rid_fast.ops`: the same forward/backward
+functions as :mod:`rid_fast.streaming`, with the same shapes and meaning, computed by the kernels
+of :mod:`rid_fast.kernels.score_kernels`. CUDA tensors, or CPU tensors under the Triton
+interpreter (``TRITON_INTERPRET=1`` set before Python starts).
+"""
+
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+except ImportError as error:  # pragma: no cover - triton is a Linux dependency
+    AVAILABLE = False
+    UNAVAILABLE_REASON = f"triton is not installed ({error})"
+else:
+    AVAILABLE = True
+    UNAVAILABLE_REASON = ""
+
+if AVAILABLE:
+    from rid_fast.streaming import diagonal_scores
+
+    from .score_kernels import row_stats, weighted_grads
+
+    # Same functions, argument order and meaning as rid_fast.streaming (see rid_fast.ops).
+
+    def cross_entropy_rows_forward(q, k, scale):
+        return row_stats(q, k, scale, reduction="lse", mask_diagonal=False) - diagonal_scores(q, k, scale)
+
+    def cross_entropy_rows_backward(grad, q, k, scale, loss):
+        lse = loss + diagonal_scores(q, k, scale)
+        return weighted_grads(q, k, scale, mode="ce_rows", row_stat=lse, row_grad=grad)
+
+    def cross_entropy_rows_cols_forward(q, k, scale):
+        positives = diagonal_scores(q, k, scale)
+        row_lse = row_stats(q, k, scale, reduction="lse", mask_diagonal=False)
+        col_lse = row_stats(k, q, scale, reduction="lse", mask_diagonal=False)  # rows of Sᵀ
+        return row_lse - positives, col_lse - positives
+
+    def cross_entropy_rows_cols_backward(grad_rows, grad_cols, q, k, scale, loss_rows, loss_cols):
+        positives = diagonal_scores(q, k, scale)
+        return weighted_grads(
+            q, k, scale, mode="ce_rows_cols",
+            row_stat=loss_rows + positives, row_grad=grad_rows,
+            col_stat=loss_cols + positives, col_grad=grad_cols,
+        )  # fmt: skip
+
+    def lse_negatives_forward(q, k, scale, clip=None):
+        return row_stats(q, k, scale, reduction="lse", mask_diagonal=True, clip=clip)
+
+    def lse_negatives_backward(grad, q, k, scale, lse, clip=None):
+        return weighted_grads(q, k, scale, mode="lse_negatives", row_stat=lse, row_grad=grad, clip=clip)
+
+    def softplus_negatives_forward(q, k, scale):
+        return row_stats(q, k, scale, reduction="softplus", mask_diagonal=True)
+
+    def softplus_negatives_backward(grad, q, k, scale):
+        return weighted_grads(q, k, scale, mode="softplus_negatives", row_grad=grad)

@@ -1,0 +1,126 @@
+"""The ``rid-fast`` command line.
+
+::
+
+    rid-fast env                                    versions, device, which implementation runs
+    rid-fast bench [--estimator infonce ...]        time and memory of the estimators, impls side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+
+import torch
+
+import rid_fast
+from rid_fast import bench
+from rid_fast.dispatch import resolve_impl, triton_status
+
+
+def _version(module_name: str) -> str:
+    try:
+        module = __import__(module_name)
+    except ImportError:
+        return "not installed"
+    return getattr(module, "__version__", "unknown")
+
+
+def _device_line() -> str:
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()} ({torch.cuda.device_count()} device(s))"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """Print what rid_fast runs on."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runnable, why = triton_status(device)
+    rows = [
+        ("rid_fast", rid_fast.__version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("triton", _version("triton")),
+        ("numpy", _version("numpy")),
+        ("device", _device_line()),
+        ("triton kernels", ("yes: " if runnable else "no: ") + why),
+        (
+            'impl="auto"',
+            f"{resolve_impl('auto', device, torch.float32)} (for float32/bfloat16/float16 {device.type} tensors)",
+        ),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def _format_bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time (and optionally measure memory of) one estimator across implementations."""
+    rows = []
+    for impl in args.impl:
+        case = bench.Case(
+            estimator=args.estimator,
+            n_queries=args.batch,
+            n_keys=args.keys,
+            dim=args.dim,
+            impl=impl,
+            dtype=args.dtype,
+            backward=not args.forward_only,
+            critic=args.critic,
+            device=args.device,
+        )
+        timing = bench.time_case(case, repeats=args.repeats)
+        peak = bench.peak_memory_bytes(case) if args.memory else None
+        rows.append((impl, timing, peak))
+    direction = "forward" if args.forward_only else "forward+backward"
+    print(
+        f"{args.estimator} {direction}: B={args.batch} N={args.keys or args.batch} D={args.dim} "
+        f"{args.dtype} on {args.device}"
+    )
+    print(f"{'impl':<10} {'median ms':>10} {'first ms':>10} {'TFLOP/s':>8} {'peak':>10}")
+    for impl, timing, peak in rows:
+        print(
+            f"{impl:<10} {timing['median_s'] * 1e3:>10.1f} {timing['first_s'] * 1e3:>10.1f} "
+            f"{timing['tflops']:>8.3f} {_format_bytes(peak):>10}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rid-fast", description="Fast Redundant Information Distillation.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    env = commands.add_parser("env", help="versions, device and which implementation runs")
+    env.set_defaults(run=cmd_env)
+
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    b = commands.add_parser("bench", help="time the estimators, implementations side by side")
+    b.add_argument("--estimator", default="infonce", choices=sorted(bench.ESTIMATOR_OPTIONS))
+    b.add_argument("--batch", type=int, default=2048, help="B, rows of x")
+    b.add_argument("--keys", type=int, default=None, help="N, rows of y (default: B)")
+    b.add_argument("--dim", type=int, default=128, help="D, features")
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    b.add_argument("--critic", default="dot", choices=["dot", "cosine"])
+    b.add_argument("--impl", nargs="+", default=["torch", "reference"], choices=bench.IMPLS)
+    b.add_argument("--device", default=default_device)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--forward-only", action="store_true")
+    b.add_argument("--memory", action="store_true", help="also measure peak memory (CPU: one subprocess per impl)")
+    b.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Input validation and implementation selection, in one place.
+
+Every public estimator validates its inputs here *before* any kernel runs, so bad input fails with
+a message that names the argument and what was expected instead of a crash deep in a kernel or a
+silently wrong number.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["IMPLS", "TRITON_DTYPES", "resolve_impl", "triton_status", "check_pair", "check_temperature", "check_choice"]
+
+#: Implementations an estimator can run on. ``"auto"`` resolves to one of the others.
+IMPLS = ("auto", "reference", "torch", "triton")
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1`` set before start-up)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_status(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether the fused Triton kernels can run on ``device`` (default: CUDA), and why not."""
+    device = torch.device("cuda" if device is None else device)
+    try:
+        from rid_fast import kernels
+    except ImportError as error:  # triton missing (e.g. macOS, Windows)
+        return False, f"triton is not importable ({error})"
+    if not kernels.AVAILABLE:
+        return False, kernels.UNAVAILABLE_REASON
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        return True, "CUDA"
+    if device.type == "cpu" and triton_interpreter_enabled():
+        return True, "Triton interpreter (TRITON_INTERPRET=1)"
+    return False, f"Triton kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
+
+
+def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
+    """``ValueError`` unless ``value`` is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+#: Input dtypes the Triton kernels take (fp64 runs on the streaming path).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Turn ``impl`` (one of :data:`IMPLS`) into the implementation that will actually run.
+
+    ``"auto"`` picks the fused Triton kernels for CUDA tensors of a dtype they take when they can
+    run there, and the streaming PyTorch path otherwise. Asking for ``"triton"`` where it cannot
+    run is an error.
+    """
+    check_choice("impl", impl, IMPLS)
+    if impl == "auto":
+        if device.type == "cuda" and dtype in TRITON_DTYPES and triton_status(device)[0]:
+            return "triton"
+        return "torch"
+    if impl == "triton":
+        ok, why = triton_status(device)
+        if not ok:
+            raise ValueError(f"impl='triton' cannot run on {device.type} tensors: {why}")
+        if dtype is not None and dtype not in TRITON_DTYPES:
+            raise ValueError(f"impl='triton' takes float16, bfloat16 or float32 inputs; got {dtype} (use impl='torch')")
+    return impl
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_matrix(name: str, t: object) -> None:
+    """A floating-point tensor of shape (rows ≥ 1, features ≥ 1)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64); got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor (rows, features); got {_describe(t)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (0 rows); an estimate needs at least one pair")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} has 0 feature columns; got {_describe(t)}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """``ValueError`` if ``t`` holds NaN or ±Inf. One pass over ``t`` and, on GPU, one sync."""
+    if _is_compiling():
+        return
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf); {_describe(t)}")
+
+
+def check_pair(
+    x: object,
+    y: object,
+    *,
+    same_features: bool = True,
+    square: bool = False,
+    needs_negatives: bool = False,
+    check_values: bool = True,
+) -> None:
+    """Validate an estimator's inputs: x (B, D), y (N, D) with N ≥ B, same dtype and device.
+
+    ``square``: N must equal B (symmetric InfoNCE). ``needs_negatives``: at least one negative
+    pair, N ≥ 2 (every estimator with an off-diagonal average). ``check_values``: no NaN/Inf.
+    """
+    check_matrix("x", x)
+    check_matrix("y", y)
+    assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+    if x.device != y.device:
+        raise ValueError(f"x and y must be on the same device; got x on {x.device}, y on {y.device}")
+    if x.dtype != y.dtype:
+        raise TypeError(f"x and y must have the same dtype; got x {x.dtype}, y {y.dtype}")
+    if same_features and x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"x and y must have the same number of features D; got x (B={x.shape[0]}, D={x.shape[1]}), "
+            f"y (N={y.shape[0]}, D={y.shape[1]})"
+        )
+    n_queries, n_keys = x.shape[0], y.shape[0]
+    if n_keys < n_queries:
+        raise ValueError(
+            f"y must have at least as many rows as x (N ≥ B: rows i < B of y are x's positives); "
+            f"got B={n_queries}, N={n_keys}"
+        )
+    if square and n_keys != n_queries:
+        raise ValueError(
+            f"symmetric InfoNCE needs N = B (every y_j is some x_j's positive); got B={n_queries}, N={n_keys}"
+        )
+    if needs_negatives and n_keys < 2:
+        raise ValueError(f"this estimator averages over negative pairs (i ≠ j) and needs N ≥ 2; got N={n_keys}")
+    if check_values:
+        check_finite("x", x)
+        check_finite("y", y)
+
+
+def check_temperature(temperature: object, *, check_values: bool = True) -> None:
+    """A positive, finite number or a one-element floating tensor (e.g. a learnable one)."""
+    if isinstance(temperature, bool):
+        raise TypeError(f"temperature must be a positive number or a one-element tensor; got {temperature!r}")
+    if isinstance(temperature, (int, float)):
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be positive and finite; got {temperature}")
+        return
+    if not isinstance(temperature, torch.Tensor):
+        raise TypeError(
+            f"temperature must be a positive number or a one-element tensor; got {type(temperature).__name__}"
+        )
+    if temperature.numel() != 1 or not temperature.is_floating_point():
+        raise ValueError(f"temperature tensor must hold one floating-point value; got {_describe(temperature)}")
+    if check_values and not _is_compiling():
+        value = float(temperature)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"temperature must be positive and finite; got {value}")
+
+
+def check_positive(name: str, value: object) -> None:
+    """A positive, finite Python number (e.g. SMILE's clip)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number; got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be positive and finite; got {value}")

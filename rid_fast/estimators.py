@@ -1,0 +1,192 @@
+r"""Estimator modules: a critic (possibly learnable) plus one of the bounds of :mod:`rid_fast.functional`.
+
+Each module's ``forward(x, y)`` returns the scalar estimate (nats) of a lower bound on
+:math:`I(X;Y)`; maximise it to train the critic (and the encoders producing ``x``, ``y``).
+Separable critics run through the fast paths (``impl``); :class:`~rid_fast.critics.ConcatCritic`
+materialises the score matrix and uses the reference formulas.
+
+Example::
+
+    >>> import torch
+    >>> from rid_fast.estimators import InfoNCE
+    >>> from rid_fast.critics import BilinearCritic
+    >>> estimator = InfoNCE(BilinearCritic(16, 8))
+    >>> estimate = estimator(torch.randn(32, 16), torch.randn(32, 8))
+    >>> estimate.backward()
+    >>> estimator.critic.project.weight.grad.shape
+    torch.Size([8, 16])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from rid_fast import reference
+from rid_fast.critics import CRITICS, CosineCritic, Critic, DotCritic
+from rid_fast.dispatch import check_choice, check_pair, check_positive, resolve_impl
+from rid_fast.functional import ESTIMATORS, autocast_factors, log_mean_exp_negatives
+from rid_fast.streaming import diagonal_scores
+
+__all__ = ["MIEstimator", "InfoNCE", "NWJ", "DV", "SMILE", "JS", "MINE", "make_critic"]
+
+
+def make_critic(critic: str | Critic, temperature: float = 0.1) -> Critic:
+    """A critic module from a name (``"dot"``, ``"cosine"``; fixed temperature) or the module itself."""
+    if isinstance(critic, Critic):
+        return critic
+    check_choice("critic", critic, CRITICS)
+    return {"dot": DotCritic, "cosine": CosineCritic}[critic](temperature)
+
+
+class MIEstimator(nn.Module):
+    """Base class: a critic plus the estimator registered as :attr:`name` in ``ESTIMATORS``.
+
+    Args:
+        critic: a :class:`~rid_fast.critics.Critic` or ``"dot"`` / ``"cosine"``.
+        temperature: τ of a critic given by name.
+        impl: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (see :mod:`rid_fast.functional`).
+        check_values: reject NaN/Inf inputs (one pass over them; skipped under torch.compile).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self, critic: str | Critic = "dot", *, temperature: float = 0.1, impl: str = "auto", check_values: bool = True
+    ) -> None:
+        super().__init__()
+        self.critic = make_critic(critic, temperature)
+        self.impl = impl
+        self.check_values = check_values
+        self._options: dict = {}
+
+    def _needs_negatives(self) -> bool:
+        return ESTIMATORS[self.name].needs_negatives
+
+    def _validate(self, x: Tensor, y: Tensor) -> str:
+        check_pair(
+            x,
+            y,
+            same_features=self.critic.same_features,
+            square=self._options.get("symmetric", False),
+            needs_negatives=self._needs_negatives(),
+            check_values=self.check_values,
+        )
+        return resolve_impl(self.impl, x.device, x.dtype)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """x (B, Dx), y (N, Dy), N ≥ B → scalar estimate in nats."""
+        backend = self._validate(x, y)
+        estimator = ESTIMATORS[self.name]
+        if backend == "reference" or not self.critic.separable:
+            return estimator.from_scores(self.critic.scores(x, y), **self._options)
+        q, k, scale = self.critic.factors(x, y)
+        return estimator.from_factors(*autocast_factors(q, k, backend), scale, backend, **self._options)
+
+    def extra_repr(self) -> str:
+        options = "".join(f", {key}={value}" for key, value in self._options.items())
+        return f"impl={self.impl!r}{options}"
+
+
+class InfoNCE(MIEstimator):
+    r"""InfoNCE, :math:`\frac1B\sum_i[s_{ii} - \log\sum_j e^{s_{ij}}] + \log N`; ``symmetric`` as in CLIP."""
+
+    name = "infonce"
+
+    def __init__(self, critic: str | Critic = "dot", *, symmetric: bool = False, **kwargs) -> None:
+        super().__init__(critic, **kwargs)
+        self._options = {"symmetric": symmetric}
+
+
+class NWJ(MIEstimator):
+    r"""NWJ, :math:`\operatorname{mean}_i s_{ii} - e^{-1}\operatorname{mean}_{i\ne j} e^{s_{ij}}`."""
+
+    name = "nwj"
+
+
+class DV(MIEstimator):
+    r"""Donsker–Varadhan, :math:`\operatorname{mean}_i s_{ii} - \log\operatorname{mean}_{i\ne j} e^{s_{ij}}`."""
+
+    name = "dv"
+
+
+class SMILE(MIEstimator):
+    r"""SMILE: DV with partition scores clipped to :math:`[-c, c]` (``clip``)."""
+
+    name = "smile"
+
+    def __init__(self, critic: str | Critic = "dot", *, clip: float = 5.0, **kwargs) -> None:
+        super().__init__(critic, **kwargs)
+        check_positive("clip", clip)
+        self._options = {"clip": clip}
+
+
+class JS(MIEstimator):
+    r"""Jensen–Shannon objective, :math:`\operatorname{mean}_i[-\mathrm{sp}(-s_{ii})]
+    - \operatorname{mean}_{i\ne j}\mathrm{sp}(s_{ij})` (sp = softplus)."""
+
+    name = "js"
+
+
+class MINE(MIEstimator):
+    r"""MINE (Belghazi et al. 2018): the DV value with a bias-corrected gradient.
+
+    The gradient of the DV bound's partition term, :math:`\nabla Z / Z` with
+    :math:`Z = \operatorname{mean}_{i\ne j} e^{s_{ij}}`, is biased on mini-batches; MINE replaces
+    the denominator by an exponential moving average :math:`\bar Z` over steps. ``forward`` returns
+    a tensor whose *value* is the DV estimate and whose *gradient* (in training mode) is
+    :math:`\nabla \operatorname{mean}_i s_{ii} - \nabla Z / \bar Z`.
+
+    The average is kept in log space in the buffer ``log_partition_ema`` (saved with the module,
+    NaN until the first training step), so it neither overflows nor underflows.
+
+    Args:
+        ema_decay: weight of the old average, :math:`\log\bar Z \leftarrow \log(\beta\bar Z + (1-\beta)Z)`.
+    """
+
+    name = "mine"
+
+    def __init__(self, critic: str | Critic = "dot", *, ema_decay: float = 0.99, **kwargs) -> None:
+        super().__init__(critic, **kwargs)
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1); got {ema_decay}")
+        self.ema_decay = ema_decay
+        self.register_buffer("log_partition_ema", torch.tensor(float("nan")))
+
+    def _needs_negatives(self) -> bool:
+        return True
+
+    def _dv_terms(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean positive score, log mean exp of negative scores)."""
+        backend = self._validate(x, y)
+        if backend == "reference" or not self.critic.separable:
+            scores = self.critic.scores(x, y)
+            return scores.diagonal().mean(), reference.log_mean_exp_negatives(scores)
+        q, k, scale = self.critic.factors(x, y)
+        q, k = autocast_factors(q, k, backend)
+        return diagonal_scores(q, k, scale).mean(), log_mean_exp_negatives(q, k, scale, backend)
+
+    @torch.no_grad()
+    def _update_average(self, log_partition: Tensor) -> Tensor:
+        current = log_partition.detach().to(self.log_partition_ema.dtype)
+        if torch.isnan(self.log_partition_ema):
+            self.log_partition_ema.copy_(current)
+        else:
+            self.log_partition_ema.copy_(
+                torch.logaddexp(
+                    self.log_partition_ema + math.log(self.ema_decay), current + math.log1p(-self.ema_decay)
+                )
+            )
+        return self.log_partition_ema.clone()
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        positive_mean, log_partition = self._dv_terms(x, y)
+        value = positive_mean - log_partition
+        if not (self.training and torch.is_grad_enabled()):
+            return value
+        log_average = self._update_average(log_partition).to(log_partition.dtype)
+        surrogate = positive_mean - torch.exp(log_partition - log_average)  # ∇: ∇mean s_ii − ∇Z / Z̄
+        return value.detach() + (surrogate - surrogate.detach())

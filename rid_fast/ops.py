@@ -1,0 +1,118 @@
+r"""The score-matrix reductions as ``torch.library`` custom operators, with autograd.
+
+Each reduction of :math:`S = \sigma\, q k^\top` (math in :mod:`rid_fast.streaming`) is one custom
+op for the forward and one for the backward, taking a ``backend`` string:
+
+* ``"torch"`` — the streaming PyTorch implementation (:mod:`rid_fast.streaming`), any device;
+* ``"triton"`` — the fused Triton kernels (:mod:`rid_fast.kernels`), CUDA tensors, or CPU tensors
+  under the Triton interpreter.
+
+Both backends expose the same functions with the same argument order,
+``<op>_forward(q, k, scale, *options)`` and
+``<op>_backward(*grads, q, k, scale, *saved_outputs, *options) -> (dq, dk, dscale)``,
+so the ops only route. Registering custom ops (with fake implementations and
+``register_autograd``) rather than calling an autograd.Function keeps models that use the
+estimators compilable with ``torch.compile(fullgraph=True)`` on CPU as well as on CUDA: the
+compiler treats each op as one opaque call.
+
+Shapes: q (B, D), k (N, D), scale () the inverse temperature σ; statistics are (B,) per row or
+(N,) per column in the accumulation dtype (fp32, or fp64 for fp64 inputs); gradients have the
+dtypes of q, k and scale.
+
+=====================  =====================================================  ================
+op                     output                                                 estimators
+=====================  =====================================================  ================
+cross_entropy_rows     :math:`\log\sum_j e^{S_{ij}} - S_{ii}`                 InfoNCE
+cross_entropy_rows_cols  the above and its column twin (N = B)                symmetric InfoNCE
+lse_negatives          :math:`\log\sum_{j\ne i} e^{c(S_{ij})}` (clip c)        NWJ, DV, SMILE, MINE
+softplus_negatives     :math:`\sum_{j\ne i}\mathrm{softplus}(S_{ij})`          JS
+=====================  =====================================================  ================
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from rid_fast.streaming import compute_dtype
+
+__all__ = ["cross_entropy_rows", "cross_entropy_rows_cols", "lse_negatives", "softplus_negatives"]
+
+
+def _backend(name: str) -> ModuleType:
+    if name == "torch":
+        from rid_fast import streaming
+
+        return streaming
+    if name == "triton":
+        from rid_fast import kernels
+
+        return kernels
+    raise ValueError(f"backend must be 'torch' or 'triton'; got {name!r}")
+
+
+def _define(name: str, *, outputs: tuple[str, ...], options: tuple[str, ...] = (), saves_outputs: bool = True):
+    """Define ``rid_fast::<name>`` and ``rid_fast::<name>_backward`` with fakes and autograd.
+
+    ``outputs`` names each output's length, ``"rows"`` (B) or ``"cols"`` (N); ``options`` are
+    extra schema arguments (e.g. ``"float? clip"``) passed through to the backend.
+    """
+    option_schema = "".join(f", {option}" for option in options)
+    output_schema = "Tensor" if len(outputs) == 1 else "(" + ", ".join("Tensor" for _ in outputs) + ")"
+
+    def forward_impl(q, k, scale, *rest):
+        *opts, backend = rest
+        return getattr(_backend(backend), f"{name}_forward")(q, k, scale, *opts)
+
+    def forward_fake(q, k, scale, *rest):
+        stats = tuple(q.new_empty((q.shape[0] if length == "rows" else k.shape[0],), dtype=compute_dtype(q.dtype))
+                      for length in outputs)  # fmt: skip
+        return stats[0] if len(stats) == 1 else stats
+
+    def backward_impl(grads, q, k, scale, saved, *rest):
+        *opts, backend = rest
+        dq, dk, d_scale = getattr(_backend(backend), f"{name}_backward")(*grads, q, k, scale, *saved, *opts)
+        return dq, dk, d_scale.to(scale.dtype)
+
+    def backward_fake(grads, q, k, scale, saved, *rest):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale)
+
+    forward = torch.library.custom_op(
+        f"rid_fast::{name}", forward_impl, mutates_args=(),
+        schema=f"(Tensor q, Tensor k, Tensor scale{option_schema}, str backend) -> {output_schema}",
+    )  # fmt: skip
+    forward.register_fake(forward_fake)
+    backward = torch.library.custom_op(
+        f"rid_fast::{name}_backward", backward_impl, mutates_args=(),
+        schema=f"(Tensor[] grads, Tensor q, Tensor k, Tensor scale, Tensor[] saved{option_schema}, str backend)"
+        " -> (Tensor, Tensor, Tensor)",
+    )  # fmt: skip
+    backward.register_fake(backward_fake)
+
+    def setup_context(ctx, inputs, output):
+        q, k, scale, *rest = inputs
+        saved = (output if isinstance(output, tuple) else (output,)) if saves_outputs else ()
+        ctx.save_for_backward(q, k, scale, *saved)
+        ctx.rest = rest
+
+    def grad(ctx, *grads):
+        q, k, scale, *saved = ctx.saved_tensors
+        # An output that did not reach the loss arrives as None: it contributes nothing.
+        lengths = [q.shape[0] if length == "rows" else k.shape[0] for length in outputs]
+        grads = [g if g is not None else q.new_zeros(n, dtype=compute_dtype(q.dtype)) for g, n in zip(grads, lengths)]
+        dq, dk, d_scale = backward(grads, q, k, scale, saved, *ctx.rest)
+        return (dq, dk, d_scale) + (None,) * len(ctx.rest)
+
+    torch.library.register_autograd(f"rid_fast::{name}", grad, setup_context=setup_context)
+    return forward
+
+
+#: c_i = log Σ_j e^{S_ij} − S_ii, (B,).
+cross_entropy_rows = _define("cross_entropy_rows", outputs=("rows",))
+#: (c^r, c^c): row and column cross-entropies against the diagonal, N = B.
+cross_entropy_rows_cols = _define("cross_entropy_rows_cols", outputs=("rows", "cols"))
+#: ℓ_i = log Σ_{j≠i} e^{clamp(S_ij, ±clip)}, (B,).
+lse_negatives = _define("lse_negatives", outputs=("rows",), options=("float? clip",))
+#: Σ_{j≠i} softplus(S_ij), (B,).
+softplus_negatives = _define("softplus_negatives", outputs=("rows",), saves_outputs=False)

@@ -1,0 +1,388 @@
+r"""Streaming reductions of a score matrix, in plain PyTorch: the fast CPU path.
+
+Every estimator in :mod:`rid_fast.functional` reduces the score matrix
+
+.. math::
+    S = \sigma\, q k^\top,\qquad q \in \mathbb{R}^{B\times D},\; k \in \mathbb{R}^{N\times D},
+
+to per-row or per-column statistics: ``q``, ``k`` are the critic's features (normalised for the
+cosine critic) and :math:`\sigma = 1/\tau` the inverse temperature, a 0-dim tensor applied in the
+accumulation dtype — never rounded into low-precision inputs. This module computes those
+statistics tile by tile, never holding more than one ``block_rows × block_cols`` tile of ``S``:
+
+* forward: each tile is one GEMM into a preallocated buffer followed by a few in-place passes
+  while it is still in cache; log-sum-exps are accumulated online (running max and rescaled sum),
+  in fp32 (fp64 for fp64 inputs);
+* backward: tiles are *recomputed* from ``q``, ``k`` and the saved per-row/column statistics, turned
+  in place into the weight tile :math:`W = \partial L / \partial S`, and accumulated as
+  :math:`dq \mathrel{+}= \sigma W k_j`, :math:`dk \mathrel{+}= \sigma W^\top q_i` — deterministic, no
+  atomics — and :math:`d\sigma = \sum_{ij} W_{ij} (q k^\top)_{ij} = \sum_i q_i \cdot dq_i / \sigma`.
+
+Memory is :math:`O((B+N)\,D + \text{block}^2)`; the matrix multiplications dominate the time.
+
+Two details matter for speed on CPUs, both in :func:`_exp_shifted_`:
+
+* ``exp(t)`` is evaluated as ``exp2(t · log2 e)``: PyTorch's vectorised ``exp2`` is about twice as
+  fast as its ``exp``. The shift ``t = s − m`` is formed first, in natural units, so the extra
+  rounding touches only the small exponent ``t`` (relative error ``|t|·eps`` on a term of size
+  ``e^t``), never the scores themselves;
+* exponents are floored at the smallest normal exponent (``2^-126`` in fp32) before ``exp2``:
+  results that underflow take a path several times slower, and floored entries contribute at most
+  ``1e-38`` against the row maximum's ``e^0 = 1``, far below the resolution of the sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+LOG2E = 1.4426950408889634
+
+__all__ = [
+    "DEFAULT_BLOCK",
+    "compute_dtype",
+    "diagonal_scores",
+    "cross_entropy_rows_forward",
+    "cross_entropy_rows_backward",
+    "cross_entropy_rows_cols_forward",
+    "cross_entropy_rows_cols_backward",
+    "lse_negatives_forward",
+    "lse_negatives_backward",
+    "softplus_negatives_forward",
+    "softplus_negatives_backward",
+]
+
+
+#: Tile shape ``(block_rows, block_cols)`` for 4-byte compute; 8-byte compute halves the columns
+#: so a tile keeps the same footprint (1 MiB, about one core's L2). Chosen by
+#: ``benchmarks/bench_infonce.py`` on a 2-core Zen 4 machine.
+DEFAULT_BLOCK = (1024, 512)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the streaming path: fp64 stays fp64, everything else is fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_shape(n_rows: int, n_cols: int, dtype: torch.dtype) -> tuple[int, int]:
+    block_rows, block_cols = DEFAULT_BLOCK
+    if dtype.itemsize > 4:
+        block_cols //= 2
+    # At least two columns per tile: with N ≥ 2, every row's first tile then holds an entry that
+    # is not the (masked) diagonal, so running maxima are finite after the first tile.
+    return min(block_rows, n_rows), min(max(block_cols, 2), n_cols)
+
+
+def _blocks(n: int, block: int) -> list[slice]:
+    return [slice(start, min(start + block, n)) for start in range(0, n, block)]
+
+
+class _Tiles:
+    """Row-major walk over the tiles of ``S = q kᵀ``, each tile computed into one reused buffer.
+
+    Column blocks of ``kᵀ`` and ragged buffer views are built once, not per tile: with ~10
+    PyTorch calls per tile, per-call overhead is a visible part of the time.
+    """
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """``q`` already multiplied by the inverse temperature, both in the compute dtype."""
+        self.q = q
+        self.buffer = q.new_empty(_block_shape(q.shape[0], k.shape[0], q.dtype))
+        block_rows, block_cols = self.buffer.shape
+        self.row_blocks = _blocks(q.shape[0], block_rows)
+        self.col_blocks = _blocks(k.shape[0], block_cols)
+        self.keys_t = [k[cols].T for cols in self.col_blocks]
+        self._views: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _view(self, rows: slice, cols: slice) -> torch.Tensor:
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        if shape not in self._views:
+            self._views[shape] = self.buffer[: shape[0], : shape[1]]
+        return self._views[shape]
+
+    def __iter__(self) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+        """Yields ``(rows, cols, tile)`` with ``tile = S[rows, cols]`` freshly computed."""
+        for rows in self.row_blocks:
+            q_rows = self.q[rows]
+            for cols, key_t in zip(self.col_blocks, self.keys_t):
+                yield rows, cols, torch.mm(q_rows, key_t, out=self._view(rows, cols))
+
+
+def _diagonal_of_tile(tile: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor | None:
+    """View of the entries ``(i, i)`` of the full matrix that fall in this tile, or None."""
+    if rows.start >= cols.stop or cols.start >= rows.stop:
+        return None
+    return tile.diagonal(offset=rows.start - cols.start)
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(σ·q, k)`` contiguous in the compute dtype: the scale is applied after upcasting."""
+    dtype = compute_dtype(q.dtype)
+    return (q.to(dtype) * scale.to(dtype)).contiguous(), k.to(dtype).contiguous()
+
+
+def _exp_shifted_(tile: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """In place: ``tile ← exp(tile − shift)`` (``shift`` broadcasts), see the module notes."""
+    floor = math.log2(torch.finfo(tile.dtype).tiny)
+    return tile.sub_(shift).mul_(LOG2E).clamp_(min=floor).exp2_()
+
+
+def _online_lse_update_(tile: torch.Tensor, running_max: torch.Tensor, running_sum: torch.Tensor, dim: int) -> None:
+    r"""Fold one tile into a running log-sum-exp along ``dim`` (consumes ``tile``).
+
+    With :math:`m' = \max(m, \max_{\text{dim}} \text{tile})`:
+    :math:`l \leftarrow l\,e^{m - m'} + \sum_{\text{dim}} e^{\text{tile} - m'}`, :math:`m \leftarrow m'`.
+    ``m'`` is finite: every row's first tile has an unmasked entry (see :func:`_block_shape`).
+    """
+    new_max = torch.maximum(running_max, tile.amax(dim))
+    running_sum.mul_(torch.exp(running_max - new_max))
+    running_sum.add_(_exp_shifted_(tile, new_max.unsqueeze(dim)).sum(dim))
+    running_max.copy_(new_max)
+
+
+def _finish_lse(running_max: torch.Tensor, running_sum: torch.Tensor) -> torch.Tensor:
+    return running_max + running_sum.log()
+
+
+def _backprop_tiles(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    make_weights_: Callable[[torch.Tensor, slice, slice], None],
+    *,
+    row_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Gradients of a loss through :math:`S = \sigma q k^\top`, one recomputed tile at a time.
+
+    ``make_weights_(tile, rows, cols)`` turns the tile of ``S`` into the tile of
+    :math:`W = \partial L/\partial S` in place. With ``row_scale`` :math:`g` (shape ``(B,)``) the
+    weights it builds are divided by :math:`g_i`; the scaling is applied to ``q`` and ``dq`` once
+    instead of to every tile.
+
+    Returns :math:`dq = \sigma W k` (B, D) and :math:`dk = \sigma W^\top q` (N, D) in the dtypes of
+    ``q``, ``k``, and :math:`d\sigma` (0-dim, compute dtype).
+    """
+    q_s, k_c = _prepare(q, k, scale)
+    q_weighted = q_s if row_scale is None else q_s * row_scale.to(q_s.dtype).unsqueeze(1)
+    dq = torch.zeros_like(q_s)  # accumulates W k (unscaled)
+    dk = torch.zeros_like(k_c)  # accumulates Wᵀ (σ q)
+    tiles = _Tiles(q_s, k_c)
+    dk_blocks = {cols.start: (dk[cols], k_c[cols]) for cols in tiles.col_blocks}
+    for rows, cols, tile in tiles:
+        make_weights_(tile, rows, cols)
+        dk_cols, k_cols = dk_blocks[cols.start]
+        dq[rows].addmm_(tile, k_cols)
+        dk_cols.addmm_(tile.T, q_weighted[rows])
+    if row_scale is not None:
+        dq.mul_(row_scale.to(dq.dtype).unsqueeze(1))
+    # dσ = Σ_ij W_ij (q kᵀ)_ij = Σ_i (σ q_i)·(W k)_i / σ
+    d_scale = (q_s * dq).sum() / scale.to(dq.dtype)
+    dq.mul_(scale.to(dq.dtype))
+    return dq.to(q.dtype), dk.to(k.dtype), d_scale
+
+
+def diagonal_scores(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    r"""The positives :math:`s_{ii} = \sigma\, q_i \cdot k_i` for i < B, in O(B·D), in the compute dtype. (B,)"""
+    dtype = compute_dtype(q.dtype)
+    return (q.to(dtype) * k[: q.shape[0]].to(dtype)).sum(-1) * scale.to(dtype)
+
+
+def _lse_rows(q: torch.Tensor, k: torch.Tensor, *, mask_diagonal: bool, clip: float | None) -> torch.Tensor:
+    """Online row log-sum-exp of the (clamped, diagonal-masked) scores; inputs already prepared."""
+    running_max = q.new_full((q.shape[0],), -math.inf)
+    running_sum = q.new_zeros(q.shape[0])
+    for rows, cols, tile in _Tiles(q, k):
+        if clip is not None:
+            tile.clamp_(-clip, clip)
+        if mask_diagonal and (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
+            diagonal.fill_(-math.inf)
+        _online_lse_update_(tile, running_max[rows], running_sum[rows], dim=1)
+    return _finish_lse(running_max, running_sum)
+
+
+# --------------------------------------------------------------------------------------------
+# Row cross-entropy against the diagonal (InfoNCE)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def cross_entropy_rows_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    r"""Per-row InfoNCE loss, the cross-entropy of row i against target i:
+    :math:`c_i = \log\sum_{j<N} e^{S_{ij}} - S_{ii}`.
+
+    Shapes: q (B, D), k (N, D), N ≥ B, scale () → (B,) in the compute dtype.
+    """
+    q_s, k_c = _prepare(q, k, scale)
+    return _lse_rows(q_s, k_c, mask_diagonal=False, clip=None) - diagonal_scores(q, k, scale)
+
+
+@torch.no_grad()
+def cross_entropy_rows_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, loss: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Gradients of :math:`\sum_i g_i c_i`: :math:`W_{ij} = g_i (P_{ij} - \delta_{ij})` with
+    :math:`P = \mathrm{softmax}_j S`. The :math:`-\delta_{ij}` is applied inside the tile, as in a
+    cross-entropy backward, so the near-cancellation :math:`P_{ii} - 1` of a confident row happens
+    on one number rather than between two accumulated matrix products.
+    """
+    lse = (loss.to(compute_dtype(q.dtype)) + diagonal_scores(q, k, scale)).unsqueeze(1)
+
+    def make_weights_(tile: torch.Tensor, rows: slice, cols: slice) -> None:
+        _exp_shifted_(tile, lse[rows])
+        if (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
+            diagonal.sub_(1.0)
+
+    return _backprop_tiles(q, k, scale, make_weights_, row_scale=grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Row and column cross-entropy in one pass (symmetric InfoNCE)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def cross_entropy_rows_cols_forward(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Row and column cross-entropies against the diagonal, sharing each tile's GEMM:
+    :math:`c^{r}_i = \log\sum_j e^{S_{ij}} - S_{ii}` and :math:`c^{c}_j = \log\sum_i e^{S_{ij}} - S_{jj}`.
+
+    Shapes: q (B, D), k (B, D), scale () → ((B,), (B,)) in the compute dtype.
+    """
+    q_s, k_c = _prepare(q, k, scale)
+    n = q.shape[0]
+    tiles = _Tiles(q_s, k_c)
+    spare = torch.empty_like(tiles.buffer)
+    row_max, row_sum = q_s.new_full((n,), -math.inf), q_s.new_zeros(n)
+    col_max, col_sum = q_s.new_full((n,), -math.inf), q_s.new_zeros(n)
+    for rows, cols, tile in tiles:
+        tile_copy = spare[: tile.shape[0], : tile.shape[1]].copy_(tile)
+        _online_lse_update_(tile, row_max[rows], row_sum[rows], dim=1)
+        _online_lse_update_(tile_copy, col_max[cols], col_sum[cols], dim=0)
+    positives = diagonal_scores(q, k, scale)
+    return _finish_lse(row_max, row_sum) - positives, _finish_lse(col_max, col_sum) - positives
+
+
+@torch.no_grad()
+def cross_entropy_rows_cols_backward(
+    grad_rows: torch.Tensor,
+    grad_cols: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    loss_rows: torch.Tensor,
+    loss_cols: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Gradients of :math:`\sum_i a_i c^r_i + \sum_j b_j c^c_j`:
+    :math:`W_{ij} = a_i P_{ij} + b_j Q_{ij} - (a_i + b_i)\delta_{ij}` with :math:`P` the row softmax
+    and :math:`Q` the column softmax of :math:`S`.
+    """
+    dtype = compute_dtype(q.dtype)
+    positives = diagonal_scores(q, k, scale)
+    row_shift = (loss_rows.to(dtype) + positives).unsqueeze(1)
+    col_shift = (loss_cols.to(dtype) + positives).unsqueeze(0)
+    row_weight = grad_rows.to(dtype).unsqueeze(1)
+    col_weight = grad_cols.to(dtype).unsqueeze(0)
+    diagonal_weight = row_weight.squeeze(1) + col_weight.squeeze(0)
+    spare = q.new_empty(_block_shape(q.shape[0], k.shape[0], dtype), dtype=dtype)
+
+    def make_weights_(tile: torch.Tensor, rows: slice, cols: slice) -> None:
+        tile_copy = spare[: tile.shape[0], : tile.shape[1]].copy_(tile)
+        _exp_shifted_(tile, row_shift[rows]).mul_(row_weight[rows])
+        _exp_shifted_(tile_copy, col_shift[:, cols]).mul_(col_weight[:, cols])
+        tile.add_(tile_copy)
+        if (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
+            first = max(rows.start, cols.start)
+            diagonal.sub_(diagonal_weight[first : first + diagonal.numel()])
+
+    return _backprop_tiles(q, k, scale, make_weights_)
+
+
+# --------------------------------------------------------------------------------------------
+# Log-sum-exp over the negatives j ≠ i, optionally of clipped scores (NWJ, DV, SMILE, MINE)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def lse_negatives_forward(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, clip: float | None = None
+) -> torch.Tensor:
+    r"""Row log-sum-exp over the negatives, :math:`\ell_i = \log \sum_{j \ne i} e^{c(S_{ij})}`, with
+    :math:`c` the clamp to :math:`[-\text{clip}, \text{clip}]` when ``clip`` is given.
+
+    Shapes: q (B, D), k (N, D), N ≥ 2, scale () → (B,) in the compute dtype.
+    """
+    q_s, k_c = _prepare(q, k, scale)
+    return _lse_rows(q_s, k_c, mask_diagonal=True, clip=clip)
+
+
+@torch.no_grad()
+def lse_negatives_backward(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    lse: torch.Tensor,
+    clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Gradients of :math:`\sum_i g_i \ell_i`: :math:`W_{ij} = g_i\, e^{c(S_{ij}) - \ell_i}\, c'(S_{ij})`
+    for :math:`j \ne i`, zero on the diagonal."""
+    shift = lse.to(compute_dtype(q.dtype)).unsqueeze(1)
+
+    def make_weights_(tile: torch.Tensor, rows: slice, cols: slice) -> None:
+        inside = None
+        if clip is not None:
+            inside = tile.abs() <= clip  # where the clamp passes gradient (ends included, as torch.clamp)
+            tile.clamp_(-clip, clip)
+        _exp_shifted_(tile, shift[rows])
+        if inside is not None:
+            tile.mul_(inside)
+        if (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
+            diagonal.zero_()
+
+    return _backprop_tiles(q, k, scale, make_weights_, row_scale=grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Row sums of softplus over the negatives (JS)
+# --------------------------------------------------------------------------------------------
+
+
+def _softplus_threshold(dtype: torch.dtype) -> float:
+    # Above the threshold softplus(x) is returned as x; the error e^-x must stay below resolution.
+    return 40.0 if dtype == torch.float64 else 20.0
+
+
+@torch.no_grad()
+def softplus_negatives_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sigma_i = \sum_{j \ne i} \mathrm{softplus}(S_{ij})`.
+
+    Shapes: q (B, D), k (N, D), N ≥ 2, scale () → (B,) in the compute dtype.
+    """
+    q_s, k_c = _prepare(q, k, scale)
+    tiles = _Tiles(q_s, k_c)
+    values = torch.empty_like(tiles.buffer)
+    sums = q_s.new_zeros(q.shape[0])
+    for rows, cols, tile in tiles:
+        if (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
+            diagonal.fill_(-math.inf)  # softplus(-inf) = 0
+        softplus = values[: tile.shape[0], : tile.shape[1]]
+        torch.ops.aten.softplus.out(tile, 1.0, _softplus_threshold(tile.dtype), out=softplus)
+        sums[rows] += softplus.sum(1)
+    return sums
+
+
+@torch.no_grad()
+def softplus_negatives_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Gradients of :math:`\sum_i g_i \sigma_i`: :math:`W_{ij} = g_i\,\mathrm{sigmoid}(S_{ij})`, j ≠ i."""
+
+    def make_weights_(tile: torch.Tensor, rows: slice, cols: slice) -> None:
+        tile.sigmoid_()
+        if (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
+            diagonal.zero_()
+
+    return _backprop_tiles(q, k, scale, make_weights_, row_scale=grad)

@@ -1,0 +1,8 @@
+"""Packaging: the Python API in rid_fast/, the kernels in kernels/ installed as rid_fast.kernels."""
+
+from setuptools import find_packages, setup
+
+setup(
+    packages=find_packages(include=["rid_fast", "rid_fast.*"]) + ["rid_fast.kernels"],
+    package_dir={"rid_fast.kernels": "kernels"},
+)

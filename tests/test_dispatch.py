@@ -1,0 +1,103 @@
+"""Bad input fails before any kernel runs, with an error naming the argument."""
+
+import math
+
+import pytest
+import torch
+
+from rid_fast import functional
+from rid_fast.estimators import MINE, InfoNCE
+
+x8, y8 = torch.randn(8, 4), torch.randn(8, 4)
+ALL = ["infonce", "nwj", "dv", "smile", "js"]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize(
+    "x,y,error,match",
+    [
+        (torch.randn(8), y8, ValueError, r"x must be a 2-D tensor"),
+        (x8, torch.randn(2, 8, 4), ValueError, r"y must be a 2-D tensor"),
+        (torch.randn(9, 4), y8, ValueError, r"N ≥ B.*B=9, N=8"),
+        (x8, torch.randn(8, 5), ValueError, r"same number of features"),
+        (x8, y8.double(), TypeError, r"same dtype"),
+        (x8.int(), y8.int(), TypeError, r"x must have a floating-point dtype"),
+        (x8, y8.long(), TypeError, r"y must have a floating-point dtype"),
+        (torch.randn(0, 4), y8, ValueError, r"x is an empty batch"),
+        (torch.randn(8, 0), torch.randn(8, 0), ValueError, r"x has 0 feature columns"),
+        (x8.numpy(), y8, TypeError, r"x must be a torch.Tensor"),
+        (torch.where(torch.arange(8)[:, None] == 3, math.nan, x8), y8, ValueError, r"x contains 4 non-finite"),
+        (x8, torch.where(torch.arange(8)[:, None] == 3, math.inf, y8), ValueError, r"y contains 4 non-finite"),
+    ],
+)
+def test_bad_tensors(name, x, y, error, match):
+    with pytest.raises(error, match=match):
+        functional.mi_bound(x, y, name)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize(
+    "temperature,error,match",
+    [
+        (0.0, ValueError, "temperature must be positive"),
+        (-1.0, ValueError, "temperature must be positive"),
+        (math.inf, ValueError, "temperature must be positive"),
+        (torch.tensor(-0.5), ValueError, "temperature must be positive"),
+        (torch.tensor([0.1, 0.2]), ValueError, "temperature tensor must hold one"),
+        ("0.1", TypeError, "temperature must be a positive number"),
+        (True, TypeError, "temperature must be a positive number"),
+    ],
+)
+def test_bad_temperature(name, temperature, error, match):
+    with pytest.raises(error, match=match):
+        functional.mi_bound(x8, y8, name, temperature=temperature)
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="critic must be one of 'dot', 'cosine'; got 'cos'"):
+        functional.infonce(x8, y8, critic="cos")
+    with pytest.raises(ValueError, match="impl must be one of .*got 'cuda'"):
+        functional.infonce(x8, y8, impl="cuda")
+    with pytest.raises(ValueError, match="estimator must be one of .*got 'mi'"):
+        functional.mi_bound(x8, y8, "mi")
+    with pytest.raises(TypeError):
+        functional.mi_bound(x8, y8, "dv", symmetric=True)  # not an option of DV
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="impl='triton' cannot run on cpu tensors"):
+        functional.infonce(x8, y8, impl="triton")
+
+
+@pytest.mark.parametrize("name", ["nwj", "dv", "smile", "js"])
+def test_negatives_needed(name):
+    one = torch.randn(1, 4)
+    with pytest.raises(ValueError, match="needs N ≥ 2"):
+        functional.mi_bound(one, one, name)
+
+
+def test_symmetric_needs_square():
+    with pytest.raises(ValueError, match="symmetric InfoNCE needs N = B"):
+        functional.infonce(x8, torch.randn(9, 4), symmetric=True)
+
+
+def test_bad_clip():
+    with pytest.raises(ValueError, match="clip must be positive"):
+        functional.smile(x8, y8, clip=0)
+    with pytest.raises(TypeError, match="clip must be a positive number"):
+        functional.smile(x8, y8, clip=None)
+
+
+def test_values_check_can_be_skipped():
+    bad = torch.where(torch.arange(8)[:, None] == 3, math.nan, x8)
+    assert torch.isnan(functional.infonce(bad, y8, check_values=False))
+
+
+def test_modules_validate_too():
+    with pytest.raises(ValueError, match="N ≥ B"):
+        InfoNCE()(torch.randn(9, 4), y8)
+    with pytest.raises(ValueError, match="needs N ≥ 2"):
+        MINE()(torch.randn(1, 4), torch.randn(1, 4))
+    with pytest.raises(ValueError, match="critic must be one of"):
+        InfoNCE("euclid")

@@ -1,0 +1,40 @@
+import math
+
+import pytest
+import torch
+from estimator_checks import DTYPES, assert_matches_reference, cases, correlated_pair, reference_test
+
+from rid_fast import functional
+from rid_fast.critics import CosineCritic
+from rid_fast.estimators import InfoNCE
+
+test_matches_reference = reference_test("infonce", temperature=0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_queries,n_keys,dim,critic", [c for c in cases() if c[0] == c[1]])
+def test_symmetric_matches_reference(small_tiles, n_queries, n_keys, dim, critic, dtype):
+    x, y = correlated_pair(n_queries, n_keys, dim)
+    assert_matches_reference("infonce", x, y, temperature=0.1, critic=critic, impl="torch", dtype=dtype, symmetric=True)
+
+
+def test_default_tiles_match_reference():
+    x, y = correlated_pair(1100, 1500, 24)
+    assert_matches_reference("infonce", x, y, temperature=0.1, critic="cosine", impl="torch", dtype=torch.float32)
+
+
+def test_bounded_by_log_n():
+    x, y = correlated_pair(64, 80, 8, rho=0.999)
+    assert float(functional.infonce(x, y, temperature=0.01)) <= math.log(80) + 1e-9
+
+
+def test_single_pair_is_zero():
+    x, y = correlated_pair(1, 1, 5)
+    assert float(functional.infonce(x, y)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_module_matches_functional():
+    x, y = correlated_pair(40, 40, 6)
+    estimator = InfoNCE(CosineCritic(temperature=0.2), symmetric=True)
+    expected = functional.infonce(x, y, temperature=0.2, critic="cosine", symmetric=True)
+    torch.testing.assert_close(estimator(x, y).double(), expected, rtol=1e-6, atol=1e-6)
