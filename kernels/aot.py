@@ -1,0 +1,167 @@
+"""Ahead-of-time compilation of the kernels for NVIDIA GPUs, on any machine (no GPU needed).
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs Triton's whole pipeline
+and NVIDIA's ``ptxas`` (shipped with triton) to PTX and cubin. From those we read what decides
+whether a kernel that passes the interpreter will be fast — or run at all — on a real GPU:
+
+* tensor-core MMA in the PTX (``wgmma.mma_async`` on sm_90, ``mma.sync`` on sm_80) for fp16/bf16;
+* local memory (register spills or stack arrays), from ``cuobjdump -res-usage`` of the cubin and
+  ``ld.local``/``st.local`` in the PTX;
+* registers per thread and shared memory per block (H100 allows 227 KiB).
+
+Used by ``tests/test_kernels_aot.py`` and ``benchmarks/aot_report.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import score_kernels, tuning
+
+__all__ = ["CompileReport", "compile_kernel", "sweep", "SHARED_MEMORY_LIMIT"]
+
+#: Largest dynamic shared memory per block on the architectures we target (bytes).
+SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+
+_TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+# Runtime (non-constexpr) arguments and their types; "*in" is the input dtype.
+_INPUTS = {"q_ptr": "*in", "k_ptr": "*in", "scale_ptr": "*fp32"}
+_SIZES = {"n_rows": "i32", "n_cols": "i32", "dim": "i32", "clip": "fp32"}
+_STATS = {"row_stat_ptr": "*fp32", "row_grad_ptr": "*fp32", "col_stat_ptr": "*fp32", "col_grad_ptr": "*fp32"}
+_SIGNATURES = {
+    "row_stats_fwd": (score_kernels._row_stats_fwd, {**_INPUTS, "out_ptr": "*fp32", **_SIZES}),
+    "grad_q": (score_kernels._grad_q_kernel, {**_INPUTS, "dq_ptr": "*fp32", **_STATS, **_SIZES}),
+    "grad_k": (score_kernels._grad_k_kernel, {**_INPUTS, "dk_ptr": "*in", **_STATS, **_SIZES}),
+}
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    kernel: str
+    arch: int
+    dtype: str
+    dim: int
+    variant: str
+    config: str
+    registers: int
+    local_bytes: int  # spills + stack, per thread
+    ptx_local_access: bool
+    shared_bytes: int
+    mma: str  # "wgmma", "mma.sync" or "none"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, local bytes) of the cubin's kernel, from ``cuobjdump -res-usage``."""
+    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        text = subprocess.run([tool, "-res-usage", handle.name], capture_output=True, text=True, check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+    if usage is None:
+        raise RuntimeError(f"cannot read resource usage from cuobjdump:\n{text}")
+    registers, stack, local = map(int, usage.groups())
+    return registers, stack + local
+
+
+def compile_kernel(
+    kernel: str,
+    *,
+    arch: int,
+    dtype: str,
+    dim: int,
+    config: triton.Config,
+    constexprs: dict,
+    variant: str = "",
+    precision: str = "ieee",
+) -> CompileReport:
+    """Compile ``kernel`` (a key of the signature table) for ``sm_<arch>`` and inspect it.
+
+    Pointers and ``dim`` (when a multiple of 16) carry the 16-byte divisibility the runtime
+    launcher would specialise on, so the code matches what a real launch compiles.
+    """
+    fn, runtime_args = _SIGNATURES[kernel]
+    signature = {name: kind.replace("*in", "*" + _TRITON_DTYPES[dtype]) for name, kind in runtime_args.items()}
+    torch_dtype = getattr(torch, dtype)
+    chunk = tuning.block_k(dim, torch_dtype)
+    all_constexprs = {
+        **constexprs,
+        **config.kwargs,
+        "BLOCK_K": chunk,
+        "SINGLE_K": dim <= chunk,
+        "INPUT_PRECISION": precision if dtype == "float32" else "tf32",
+    }
+    if kernel != "row_stats_fwd":
+        all_constexprs["BLOCK_DV"] = tuning.block_dv(dim, torch_dtype)
+    signature.update({name: "constexpr" for name in all_constexprs})
+    names = list(fn.arg_names)
+    aligned = [n for n, kind in runtime_args.items() if kind.startswith("*") or (n == "dim" and dim % 16 == 0)]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = ASTSource(fn, signature, constexprs=all_constexprs, attrs=attrs)
+    target = GPUTarget("cuda", arch, 32)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "enable_fp_fusion": True}
+    compiled = triton.compile(source, target=target, options=options)
+    ptx = compiled.asm["ptx"]
+    registers, local_bytes = _resource_usage(compiled.asm["cubin"])
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    config_text = f"BLOCK_M={block_m} BLOCK_N={block_n} warps={config.num_warps} stages={config.num_stages}"
+    return CompileReport(
+        kernel=kernel,
+        arch=arch,
+        dtype=f"{dtype}/{precision}" if dtype == "float32" else dtype,
+        dim=dim,
+        variant=variant,
+        config=config_text,
+        registers=registers,
+        local_bytes=local_bytes,
+        ptx_local_access=bool(re.search(r"\b(ld|st)\.local", ptx)),
+        shared_bytes=compiled.metadata.shared,
+        mma=mma,
+    )
+
+
+# The constexpr variants compiled per kernel: the heaviest of each family (most live values).
+_VARIANTS = {
+    "row_stats_fwd": {
+        "lse_masked_clipped": {"REDUCTION": 0, "MASK_DIAGONAL": True, "CLIP": True},
+        "softplus_masked": {"REDUCTION": 1, "MASK_DIAGONAL": True, "CLIP": False},
+    },
+    "grad_q": {
+        "ce_rows_cols": {"MODE": 1, "CLIP": False, "COLUMN_STATS": True},
+        "lse_negatives_clipped": {"MODE": 2, "CLIP": True, "COLUMN_STATS": False},
+    },
+    "grad_k": {
+        "ce_rows_cols": {"MODE": 1, "CLIP": False, "COLUMN_STATS": True},
+        "lse_negatives_clipped": {"MODE": 2, "CLIP": True, "COLUMN_STATS": False},
+    },
+}
+
+
+def sweep(arch: int, dims=(128, 512)) -> list[dict]:
+    """Every (kernel, variant, dtype, D, candidate config) to compile for ``arch``, as kwargs of
+    :func:`compile_kernel`: bf16 (fp16 compiles to the same tiles) and, on sm_90, fp32 in each
+    precision torch's matmul setting can select."""
+    precisions = [("bfloat16", "ieee")] + ([("float32", p) for p in ("ieee", "tf32x3", "tf32")] if arch >= 90 else [])
+    jobs = []
+    for kernel, variants in _VARIANTS.items():
+        for variant, constexprs in variants.items():
+            for dtype, precision in precisions:
+                for dim in dims:
+                    for config in tuning.candidate_configs(kernel, getattr(torch, dtype)):
+                        jobs.append(dict(kernel=kernel, arch=arch, dtype=dtype, dim=dim, config=config,
+                                         constexprs=constexprs, variant=variant, precision=precision))  # fmt: skip
+    return jobs

@@ -1,0 +1,366 @@
+r"""Triton kernels for the reductions of a score matrix :math:`S = \sigma q k^\top` that is never stored.
+
+Tiled like FlashAttention: a program owns a block of ``BLOCK_M`` rows of ``q`` and streams
+``BLOCK_N``-row blocks of ``k`` past it, forming one ``BLOCK_M × BLOCK_N`` tile of scores at a time
+with ``tl.dot`` (fp32 accumulation, the feature dimension in ``BLOCK_K`` chunks), then multiplied
+in fp32 by the inverse temperature σ, read from a one-element tensor (no host synchronisation).
+
+**Forward** — :func:`_row_stats_fwd`, one program per row block, writes one fp32 number per row:
+
+* ``REDUCTION = LSE``: :math:`\log\sum_j e^{c(S_{ij})}`, with an online running maximum and
+  rescaled sum; ``MASK_DIAGONAL`` drops :math:`j = i`, ``CLIP`` clamps scores to ±clip;
+* ``REDUCTION = SOFTPLUS``: :math:`\sum_j \mathrm{softplus}(S_{ij})` (``MASK_DIAGONAL`` as above).
+
+Column statistics are row statistics of :math:`S^\top = k q^\top`: the launcher swaps ``q``, ``k``.
+
+**Backward** — the gradient of any of the losses is :math:`dq = \sigma W k`, :math:`dk = \sigma W^\top q`,
+:math:`d\sigma = \sum_i q_i \cdot (W k)_i` for a
+weight matrix :math:`W = \partial L/\partial S` that :func:`_weights` rebuilds tile by tile from
+the recomputed scores and saved per-row / per-column statistics (``MODE``):
+
+* ``CE_ROWS``: :math:`W_{ij} = a_i(e^{S_{ij}-\ell_i} - \delta_{ij})` (InfoNCE);
+* ``CE_ROWS_COLS``: :math:`W_{ij} = a_i e^{S_{ij}-\ell_i} + b_j e^{S_{ij}-\lambda_j} - (a_i + b_j)\delta_{ij}`
+  (symmetric InfoNCE);
+* ``LSE_NEGATIVES``: :math:`W_{ij} = a_i e^{c(S_{ij})-\ell_i} c'(S_{ij})`, :math:`j \ne i`
+  (NWJ, DV, SMILE);
+* ``SOFTPLUS_NEGATIVES``: :math:`W_{ij} = a_i\,\mathrm{sigmoid}(S_{ij})`, :math:`j \ne i` (JS).
+
+:func:`_grad_q_kernel` owns a block of rows and sweeps the columns; :func:`_grad_k_kernel` owns a
+block of columns and sweeps the rows. Each program writes only its own block: no atomics, so the
+gradients are deterministic. A second grid axis splits the feature dimension of the output into
+``BLOCK_DV`` chunks when D is large (each chunk recomputes the scores).
+
+GPU rules kept even when developing under the interpreter: power-of-two blocks ≥ 16, every load
+masked for ragged B, N, D, no Python control flow on tensor values.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tuning
+
+LSE = tl.constexpr(0)
+SOFTPLUS = tl.constexpr(1)
+
+CE_ROWS = tl.constexpr(0)
+CE_ROWS_COLS = tl.constexpr(1)
+LSE_NEGATIVES = tl.constexpr(2)
+SOFTPLUS_NEGATIVES = tl.constexpr(3)
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+# fmt: off
+@triton.jit
+def _load_block(ptr, offs_rows, offs_cols, n_rows, n_cols, row_stride):
+    """A (rows, cols) block of a row-major matrix, zero outside it."""
+    pointers = ptr + offs_rows.to(tl.int64)[:, None] * row_stride + offs_cols[None, :]
+    mask = (offs_rows[:, None] < n_rows) & (offs_cols[None, :] < n_cols)
+    return tl.load(pointers, mask=mask, other=0.0)
+
+
+@triton.jit
+def _score_tile(
+    q_ptr, k_ptr, q_block, offs_m, offs_n, n_rows, n_cols, dim,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """fp32 scores S[offs_m, offs_n]; ``q_block`` is the preloaded q tile when SINGLE_K."""
+    offs_k = tl.arange(0, BLOCK_K)
+    if SINGLE_K:
+        k_block = _load_block(k_ptr, offs_n, offs_k, n_cols, dim, dim)
+        scores = tl.dot(q_block, tl.trans(k_block), input_precision=INPUT_PRECISION)
+    else:
+        scores = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, dim, BLOCK_K):
+            q_chunk = _load_block(q_ptr, offs_m, k0 + offs_k, n_rows, dim, dim)
+            k_chunk = _load_block(k_ptr, offs_n, k0 + offs_k, n_cols, dim, dim)
+            scores = tl.dot(q_chunk, tl.trans(k_chunk), scores, input_precision=INPUT_PRECISION)
+    return scores
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), with log1p's small-argument series inline."""
+    e = tl.exp2(-tl.abs(x) * LOG2E)
+    log1p_e = tl.where(e < 1e-4, e - 0.5 * e * e, tl.log(1.0 + e))
+    return tl.maximum(x, 0.0) + log1p_e
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward: per-row statistics
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_stats_fwd(
+    q_ptr, k_ptr,  # (n_rows, dim), (n_cols, dim): statistics are per row of q, k streams past
+    scale_ptr,  # () fp32 inverse temperature σ
+    out_ptr,  # (n_rows,) fp32 statistic per row
+    n_rows, n_cols, dim,
+    clip,  # fp32 clamp bound, read when CLIP
+    REDUCTION: tl.constexpr, MASK_DIAGONAL: tl.constexpr, CLIP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    scale = tl.load(scale_ptr)
+    q_block = _load_block(q_ptr, offs_m, tl.arange(0, BLOCK_K), n_rows, dim, dim) if SINGLE_K else None
+    running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start_n in range(0, n_cols, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        scores = scale * _score_tile(
+            q_ptr, k_ptr, q_block, offs_m, offs_n, n_rows, n_cols, dim,
+            BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
+        )  # fmt: skip
+        keep = offs_n[None, :] < n_cols
+        if MASK_DIAGONAL:
+            keep = keep & (offs_m[:, None] != offs_n[None, :])
+        if REDUCTION == LSE:
+            if CLIP:
+                scores = tl.minimum(tl.maximum(scores, -clip), clip)
+            scores = tl.where(keep, scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+            # Rows with only masked entries so far keep a -inf maximum; shift them by 0, not -inf.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            running_sum = running_sum * tl.exp2((running_max - shift) * LOG2E)
+            running_sum += tl.sum(tl.exp2((scores - shift[:, None]) * LOG2E), axis=1)
+            running_max = new_max
+        else:
+            running_sum += tl.sum(tl.where(keep, _softplus(scores), 0.0), axis=1)
+    if REDUCTION == LSE:
+        result = running_max + tl.log(running_sum)
+    else:
+        result = running_sum
+    tl.store(out_ptr + offs_m, result, mask=offs_m < n_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: dq = W k and dk = Wᵀ q with W rebuilt per tile
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _weights(
+    scores, offs_m, offs_n, n_rows, n_cols, row_stat, row_grad, col_stat, col_grad, clip,
+    MODE: tl.constexpr, CLIP: tl.constexpr,
+):
+    """The tile of W = ∂L/∂S (fp32), zero outside the matrix; see the module notes per MODE."""
+    inside = (offs_m[:, None] < n_rows) & (offs_n[None, :] < n_cols)
+    diagonal = offs_m[:, None] == offs_n[None, :]
+    if MODE == CE_ROWS:
+        w = tl.exp2((scores - row_stat[:, None]) * LOG2E)
+        w = row_grad[:, None] * (w - tl.where(diagonal, 1.0, 0.0))
+    elif MODE == CE_ROWS_COLS:
+        w = row_grad[:, None] * tl.exp2((scores - row_stat[:, None]) * LOG2E)
+        w += col_grad[None, :] * tl.exp2((scores - col_stat[None, :]) * LOG2E)
+        w -= tl.where(diagonal, row_grad[:, None] + col_grad[None, :], 0.0)
+    elif MODE == LSE_NEGATIVES:
+        if CLIP:
+            passes = (scores >= -clip) & (scores <= clip)  # where the clamp passes gradient, ends included
+            scores = tl.minimum(tl.maximum(scores, -clip), clip)
+        w = row_grad[:, None] * tl.exp2((scores - row_stat[:, None]) * LOG2E)
+        if CLIP:
+            w = tl.where(passes, w, 0.0)
+        w = tl.where(diagonal, 0.0, w)
+    else:  # SOFTPLUS_NEGATIVES
+        w = row_grad[:, None] * tl.sigmoid(scores)
+        w = tl.where(diagonal, 0.0, w)
+    return tl.where(inside, w, 0.0)
+
+
+@triton.jit
+def _load_stats(ptr, offs, n, USED: tl.constexpr):
+    if USED:
+        return tl.load(ptr + offs, mask=offs < n, other=0.0)
+    return tl.zeros(offs.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _grad_q_kernel(
+    q_ptr, k_ptr,  # (n_rows, dim), (n_cols, dim)
+    scale_ptr,  # () fp32 σ
+    dq_ptr,  # (n_rows, dim) fp32 output: W k, before the factor σ
+    row_stat_ptr, row_grad_ptr,  # (n_rows,) fp32: ℓ_i and a_i
+    col_stat_ptr, col_grad_ptr,  # (n_cols,) fp32: λ_j and b_j (CE_ROWS_COLS only)
+    n_rows, n_cols, dim, clip,
+    MODE: tl.constexpr, CLIP: tl.constexpr, COLUMN_STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    scale = tl.load(scale_ptr)
+    q_block = _load_block(q_ptr, offs_m, tl.arange(0, BLOCK_K), n_rows, dim, dim) if SINGLE_K else None
+    row_stat = _load_stats(row_stat_ptr, offs_m, n_rows, MODE != SOFTPLUS_NEGATIVES)
+    row_grad = _load_stats(row_grad_ptr, offs_m, n_rows, True)
+    accumulator = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    for start_n in range(0, n_cols, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        scores = scale * _score_tile(
+            q_ptr, k_ptr, q_block, offs_m, offs_n, n_rows, n_cols, dim,
+            BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
+        )  # fmt: skip
+        col_stat = _load_stats(col_stat_ptr, offs_n, n_cols, COLUMN_STATS)
+        col_grad = _load_stats(col_grad_ptr, offs_n, n_cols, COLUMN_STATS)
+        w = _weights(scores, offs_m, offs_n, n_rows, n_cols, row_stat, row_grad, col_stat, col_grad, clip, MODE, CLIP)
+        k_values = _load_block(k_ptr, offs_n, offs_dv, n_cols, dim, dim)
+        accumulator = tl.dot(w.to(k_values.dtype), k_values, accumulator, input_precision=INPUT_PRECISION)
+    pointers = dq_ptr + offs_m.to(tl.int64)[:, None] * dim + offs_dv[None, :]
+    tl.store(pointers, accumulator, mask=(offs_m[:, None] < n_rows) & (offs_dv[None, :] < dim))
+
+
+@triton.jit
+def _grad_k_kernel(
+    q_ptr, k_ptr,  # (n_rows, dim), (n_cols, dim)
+    scale_ptr,  # () fp32 σ
+    dk_ptr,  # (n_cols, dim) output σ Wᵀ q, dtype of k
+    row_stat_ptr, row_grad_ptr, col_stat_ptr, col_grad_ptr,  # as in _grad_q_kernel
+    n_rows, n_cols, dim, clip,
+    MODE: tl.constexpr, CLIP: tl.constexpr, COLUMN_STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    offs_k = tl.arange(0, BLOCK_K)
+    scale = tl.load(scale_ptr)
+    k_block = _load_block(k_ptr, offs_n, offs_k, n_cols, dim, dim) if SINGLE_K else None
+    col_stat = _load_stats(col_stat_ptr, offs_n, n_cols, COLUMN_STATS)
+    col_grad = _load_stats(col_grad_ptr, offs_n, n_cols, COLUMN_STATS)
+    accumulator = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+    for start_m in range(0, n_rows, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        if SINGLE_K:
+            q_block = _load_block(q_ptr, offs_m, offs_k, n_rows, dim, dim)
+            scores = scale * tl.dot(q_block, tl.trans(k_block), input_precision=INPUT_PRECISION)
+        else:
+            scores = scale * _score_tile(
+                q_ptr, k_ptr, None, offs_m, offs_n, n_rows, n_cols, dim,
+                BLOCK_M, BLOCK_N, BLOCK_K, False, INPUT_PRECISION,
+            )  # fmt: skip
+        row_stat = _load_stats(row_stat_ptr, offs_m, n_rows, MODE != SOFTPLUS_NEGATIVES)
+        row_grad = _load_stats(row_grad_ptr, offs_m, n_rows, True)
+        w = _weights(scores, offs_m, offs_n, n_rows, n_cols, row_stat, row_grad, col_stat, col_grad, clip, MODE, CLIP)
+        q_values = _load_block(q_ptr, offs_m, offs_dv, n_rows, dim, dim)
+        accumulator = tl.dot(tl.trans(w.to(q_values.dtype)), q_values, accumulator, input_precision=INPUT_PRECISION)
+    pointers = dk_ptr + offs_n.to(tl.int64)[:, None] * dim + offs_dv[None, :]
+    tl.store(
+        pointers,
+        (scale * accumulator).to(dk_ptr.dtype.element_ty),
+        mask=(offs_n[:, None] < n_cols) & (offs_dv[None, :] < dim),
+    )
+
+
+# fmt: on
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+_RAW = {"row_stats_fwd": _row_stats_fwd, "grad_q": _grad_q_kernel, "grad_k": _grad_k_kernel}
+
+
+def _prune_for(kernel: str):
+    """The autotuner's pruning hook: keep the candidates for this launch's input dtype."""
+
+    def prune(configs, named_args, **kwargs):
+        allowed = {tuning.config_key(c) for c in tuning.candidate_configs(kernel, named_args["q_ptr"].dtype)}
+        return [c for c in configs if tuning.config_key(c) in allowed]
+
+    return prune
+
+
+# The autotuner's key: the sizes, plus the tensors' dtypes, which Triton appends itself.
+_AUTOTUNED = {
+    name: triton.autotune(
+        configs=tuning.all_candidates(name), key=["n_rows", "n_cols", "dim"],
+        prune_configs_by={"early_config_prune": _prune_for(name)},
+    )(kernel)
+    for name, kernel in _RAW.items()
+}  # fmt: skip
+
+
+def _launch(kernel: str, grid, *args, dtype: torch.dtype, **constexprs) -> None:
+    if tuning.autotune_enabled():
+        _AUTOTUNED[kernel][grid](*args, **constexprs)
+        return
+    config = tuning.default_config(kernel, dtype)
+    _RAW[kernel][grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _shape_constants(q: torch.Tensor) -> dict:
+    dim, dtype = q.shape[1], q.dtype
+    chunk = tuning.block_k(dim, dtype)
+    return {"BLOCK_K": chunk, "SINGLE_K": dim <= chunk, "INPUT_PRECISION": tuning.input_precision(dtype)}
+
+
+def _scale_tensor(scale: torch.Tensor) -> torch.Tensor:
+    return scale.reshape(1).float().contiguous()
+
+
+def row_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    reduction: str,
+    mask_diagonal: bool,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """Per-row ``"lse"`` or ``"softplus"`` statistic of S = σ q kᵀ (see the module notes). (B,) fp32."""
+    q, k = q.contiguous(), k.contiguous()
+    n_rows, dim = q.shape
+    out = torch.empty(n_rows, device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)  # noqa: E731
+    _launch(
+        "row_stats_fwd", grid, q, k, _scale_tensor(scale), out, n_rows, k.shape[0], dim, float(clip or 0.0),
+        dtype=q.dtype,
+        REDUCTION={"lse": 0, "softplus": 1}[reduction], MASK_DIAGONAL=mask_diagonal, CLIP=clip is not None,
+        **_shape_constants(q),
+    )  # fmt: skip
+    return out
+
+
+MODES = {"ce_rows": 0, "ce_rows_cols": 1, "lse_negatives": 2, "softplus_negatives": 3}
+
+
+def weighted_grads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    mode: str,
+    row_grad: torch.Tensor,
+    row_stat: torch.Tensor | None = None,
+    col_grad: torch.Tensor | None = None,
+    col_stat: torch.Tensor | None = None,
+    clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dσ)`` for the ``mode``'s weights W: σ W k, σ Wᵀ q and Σ_i q_i·(W k)_i."""
+    q, k = q.contiguous(), k.contiguous()
+    (n_rows, dim), n_cols = q.shape, k.shape[0]
+
+    def stat(t: torch.Tensor | None, n: int) -> torch.Tensor:
+        return (t if t is not None else torch.zeros(n, device=q.device)).float().contiguous()
+
+    stats = (stat(row_stat, n_rows), stat(row_grad, n_rows), stat(col_stat, n_cols), stat(col_grad, n_cols))
+    weighted_keys = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # W k
+    dk = torch.empty_like(k)
+    sigma = _scale_tensor(scale)
+    dv = tuning.block_dv(dim, q.dtype)
+    constants = dict(
+        MODE=MODES[mode], CLIP=clip is not None, COLUMN_STATS=col_stat is not None, BLOCK_DV=dv, **_shape_constants(q)
+    )
+    grid_q = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(dim, dv))  # noqa: E731
+    grid_k = lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), triton.cdiv(dim, dv))  # noqa: E731
+    scalars = (n_rows, n_cols, dim, float(clip or 0.0))
+    _launch("grad_q", grid_q, q, k, sigma, weighted_keys, *stats, *scalars, dtype=q.dtype, **constants)
+    _launch("grad_k", grid_k, q, k, sigma, dk, *stats, *scalars, dtype=q.dtype, **constants)
+    d_scale = (q.float() * weighted_keys).sum()
+    return (weighted_keys * sigma).to(q.dtype), dk, d_scale
