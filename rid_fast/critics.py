@@ -101,7 +101,7 @@ class _TemperatureMixin(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "learnable" if isinstance(self.log_temperature, nn.Parameter) else "fixed"
-        return f"temperature={float(self.temperature):.4g} ({kind})"
+        return f"temperature={float(self.temperature.detach()):.4g} ({kind})"
 
 
 class DotCritic(Critic, _TemperatureMixin):

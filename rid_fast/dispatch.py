@@ -163,7 +163,7 @@ def check_temperature(temperature: object, *, check_values: bool = True) -> None
     if temperature.numel() != 1 or not temperature.is_floating_point():
         raise ValueError(f"temperature tensor must hold one floating-point value; got {_describe(temperature)}")
     if check_values and not _is_compiling():
-        value = float(temperature)
+        value = float(temperature.detach())
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"temperature must be positive and finite; got {value}")
 

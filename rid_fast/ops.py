@@ -66,8 +66,10 @@ def _define(name: str, *, outputs: tuple[str, ...], options: tuple[str, ...] = (
         return getattr(_backend(backend), f"{name}_forward")(q, k, scale, *opts)
 
     def forward_fake(q, k, scale, *rest):
-        stats = tuple(q.new_empty((q.shape[0] if length == "rows" else k.shape[0],), dtype=compute_dtype(q.dtype))
-                      for length in outputs)  # fmt: skip
+        stats = tuple(
+            q.new_empty((q.shape[0] if length == "rows" else k.shape[0],), dtype=compute_dtype(q.dtype))
+            for length in outputs
+        )
         return stats[0] if len(stats) == 1 else stats
 
     def backward_impl(grads, q, k, scale, saved, *rest):
@@ -79,15 +81,19 @@ def _define(name: str, *, outputs: tuple[str, ...], options: tuple[str, ...] = (
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale)
 
     forward = torch.library.custom_op(
-        f"rid_fast::{name}", forward_impl, mutates_args=(),
+        f"rid_fast::{name}",
+        forward_impl,
+        mutates_args=(),
         schema=f"(Tensor q, Tensor k, Tensor scale{option_schema}, str backend) -> {output_schema}",
-    )  # fmt: skip
+    )
     forward.register_fake(forward_fake)
     backward = torch.library.custom_op(
-        f"rid_fast::{name}_backward", backward_impl, mutates_args=(),
+        f"rid_fast::{name}_backward",
+        backward_impl,
+        mutates_args=(),
         schema=f"(Tensor[] grads, Tensor q, Tensor k, Tensor scale, Tensor[] saved{option_schema}, str backend)"
         " -> (Tensor, Tensor, Tensor)",
-    )  # fmt: skip
+    )
     backward.register_fake(backward_fake)
 
     def setup_context(ctx, inputs, output):

@@ -18,7 +18,7 @@ def test_fixed_temperature_is_a_buffer_learnable_is_a_parameter():
     fixed, learnable = DotCritic(0.2), DotCritic(0.2, learnable=True)
     assert "log_temperature" in dict(fixed.named_buffers()) and not list(fixed.parameters())
     assert [n for n, _ in learnable.named_parameters()] == ["log_temperature"]
-    assert float(learnable.temperature) == pytest.approx(0.2)
+    assert float(learnable.temperature.detach()) == pytest.approx(0.2)
 
 
 def test_learnable_temperature_trains():
