@@ -8,8 +8,10 @@ Quick start::
 """
 
 from rid_fast import critics, estimators, functional
+from rid_fast.distiller import RIDDistiller
 from rid_fast.functional import mi_bound
+from rid_fast.rid import RIDLoss, RIDSchedule
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "critics", "estimators", "functional", "mi_bound"]
+__all__ = ["__version__", "critics", "estimators", "functional", "mi_bound", "RIDLoss", "RIDSchedule", "RIDDistiller"]
