@@ -2,8 +2,11 @@
 
 ::
 
-    rid-fast env                                    versions, device, which implementation runs
-    rid-fast bench [--estimator infonce ...]        time and memory of the estimators, impls side by side
+    rid-fast train --config FILE [key=value ...] [--resume]   one distillation run
+    rid-fast compare --config FILE --seeds K --out DIR        methods × teachers × seeds, paired report
+    rid-fast plot RUN_DIR                                     plots of a run or a comparison
+    rid-fast env                                              versions, device, which implementation runs
+    rid-fast bench [--estimator infonce ...]                  estimator time and memory, impls side by side
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -93,9 +97,65 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one student as the config says; prints the final metrics."""
+    from rid_fast.train.config import load_config
+    from rid_fast.train.loop import Trainer
+
+    config = load_config(args.config, args.overrides)
+    final = Trainer(config).train(resume=args.resume)
+    shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in final.items() if "/" not in k}
+    print(f"run folder: {config.run.out_dir}\nfinal: {shown}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Every method with every teacher for K seeds; summary.csv, report.md and plots in --out."""
+    from rid_fast.train.compare import run_compare
+    from rid_fast.train.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    progress = sys.stderr.isatty() if config.run.progress is None else config.run.progress
+    run_compare(config, args.out, seeds=args.seeds, progress=progress)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Plots of a run folder (metrics.csv) or a comparison folder (summary.csv)."""
+    from rid_fast.plots import plot_compare, plot_run
+
+    folder = Path(args.run_dir)
+    if (folder / "summary.csv").is_file():
+        from rid_fast.train.compare import paired_differences, read_summary
+
+        written = plot_compare(folder, paired_differences(read_summary(folder / "summary.csv")))
+    else:
+        written = plot_run(folder)
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rid-fast", description="Fast Redundant Information Distillation.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="one distillation run")
+    train.add_argument("--config", required=True, help="YAML experiment config")
+    train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt/latest.pt")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.1 distill.method=vid")
+    train.set_defaults(run=cmd_train)
+
+    compare = commands.add_parser("compare", help="methods × teachers × seeds, paired against no-KD")
+    compare.add_argument("--config", required=True, help="YAML experiment config (its compare section)")
+    compare.add_argument("--seeds", type=int, default=None, help="number of seeds (default: compare.seeds)")
+    compare.add_argument("--out", required=True, help="output folder")
+    compare.add_argument("overrides", nargs="*", metavar="key=value")
+    compare.set_defaults(run=cmd_compare)
+
+    plot = commands.add_parser("plot", help="plots of a run or comparison folder")
+    plot.add_argument("run_dir")
+    plot.set_defaults(run=cmd_plot)
 
     env = commands.add_parser("env", help="versions, device and which implementation runs")
     env.set_defaults(run=cmd_env)
@@ -119,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:  # bad config or input: a message, not a traceback
+        print(f"rid-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

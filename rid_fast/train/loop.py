@@ -1,0 +1,255 @@
+"""The training loop: one teacher, one student, one distillation method, read top to bottom.
+
+:class:`Trainer` builds everything from an :class:`~rid_fast.train.config.ExperimentConfig`:
+
+1. the dataset and the seeded split (student subset, validation set);
+2. the teacher (:mod:`rid_fast.train.teachers`: trained and cached, untrained, or noisy);
+3. the student, initialised from the run's seed (identical for every method);
+4. the :class:`~rid_fast.RIDDistiller` and one optimizer per phase;
+
+then runs the epochs: each step asks the method which phase it is in (RID alternates filter and
+student phases), steps that phase's optimizer, and each epoch ends with an evaluation, a row in
+``metrics.csv`` and an atomic ``ckpt/latest.pt`` (``ckpt/best.pt`` holds the state of the best
+validation accuracy so far). The learning rate follows one epoch clock (cosine by default) for
+every phase's optimizer. ``train(resume=True)`` restores every state, random generators included, so the run
+continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rid_fast.baselines import method_options
+from rid_fast.data import Dataset, Split, load_dataset, split
+from rid_fast.distiller import RIDDistiller
+from rid_fast.models import build_model
+from rid_fast.train import checkpoint
+from rid_fast.train.config import ExperimentConfig, to_dict
+from rid_fast.train.supervised import (
+    accuracy,
+    batch_indices,
+    build_optimizer,
+    learning_rate,
+    random_crop_flip,
+    resolve_device,
+    seed_everything,
+    set_learning_rate,
+)
+from rid_fast.train.teachers import make_teacher
+
+__all__ = ["Trainer", "write_csv_atomic"]
+
+
+def write_csv_atomic(rows: list[dict], path: Path) -> None:
+    """All rows under the union of their keys (first-seen order), replaced atomically."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Distil a teacher into a student as ``config`` says. ``dataset``, ``split`` and ``teacher``
+    may be given to share them between runs (``rid-fast compare`` does)."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        *,
+        dataset: Dataset | None = None,
+        data_split: Split | None = None,
+        teacher: nn.Module | None = None,
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(config.run.out_dir)
+        self.device = resolve_device(config.run.device)
+        run = config.run
+        self.progress = sys.stderr.isatty() if run.progress is None else run.progress
+
+        seed_everything(run.seed)
+        self.dataset = dataset or load_dataset(config.data.name, config.data.data_dir)
+        self.split = data_split or split(
+            self.dataset.y_train, per_class=config.data.per_class, val_fraction=config.data.val_fraction, seed=run.seed
+        )
+        self.teacher = teacher if teacher is not None else make_teacher(config, self.dataset, self.split, self.device)
+
+        torch.manual_seed(run.seed)  # the student's initialisation depends on the seed only
+        student = build_model(config.student.model, self.dataset.input_shape, self.dataset.num_classes)
+        torch.manual_seed(run.seed + 1)  # then the method's own modules
+        distill = config.distill
+        candidates = {
+            "weight": distill.method_weights.get(distill.method, distill.weight),
+            "kd_temperature": distill.kd_temperature,
+            "temperature": distill.temperature,
+            "filter_hidden": distill.filter_hidden,
+            "n_rounds": distill.n_rounds,
+            "filter_fraction": distill.filter_fraction,
+            "schedule_unit": distill.schedule_unit,
+            "redundancy_from_round": distill.redundancy_from_round,
+            "min_variance": distill.min_variance,
+        }
+        self.distiller = RIDDistiller(
+            student.to(self.device),
+            self.teacher.to(self.device),
+            student_layers=distill.student_layers,
+            teacher_layers=distill.teacher_layers,
+            method=distill.method,
+            num_classes=self.dataset.num_classes,
+            input_shape=self.dataset.input_shape,
+            standardize_teacher=distill.standardize_teacher,
+            teacher_noise_fraction=config.teacher.noise_fraction if config.teacher.kind == "noisy" else 0.0,
+            noise_seed=run.seed,
+            **method_options(distill.method, candidates, strict=False),
+        ).to(self.device)
+        self.distiller.fit_teacher_statistics(self.dataset.x_train[self.split.teacher].to(self.device))
+
+        self.optimizers = {
+            phase: build_optimizer(config.optim, self.distiller.parameters_for(phase))
+            for phase in self.distiller.method.phases
+        }
+        self.history: list[dict] = []
+        self.best_val = -math.inf
+        self.start_epoch = 0
+        self.student_progress = 0.0  # student-phase epochs done: the learning-rate clock
+
+    # ---- data ---------------------------------------------------------------------------------
+
+    def _tensors(self, indices: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = (
+            (self.dataset.x_train, self.dataset.y_train)
+            if indices is not None
+            else (self.dataset.x_test, self.dataset.y_test)
+        )
+        if indices is not None:
+            x, y = x[indices], y[indices]
+        return x.to(self.device), y.to(self.device)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def _state(self, epoch: int) -> dict:
+        return {
+            "epoch": epoch,
+            "config": to_dict(self.config),
+            "distiller": self.distiller.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "history": self.history,
+            "best_val": self.best_val,
+            "student_progress": self.student_progress,
+            "rng": checkpoint.rng_state(),
+        }
+
+    def _restore(self, state: dict) -> None:
+        self.distiller.load_state_dict(state["distiller"])
+        for key, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][key])
+        self.history = list(state["history"])
+        self.best_val = state["best_val"]
+        self.student_progress = state["student_progress"]
+        self.start_epoch = state["epoch"] + 1
+        checkpoint.set_rng_state(state["rng"])
+
+    # ---- training -----------------------------------------------------------------------------
+
+    def total_epochs(self) -> int:
+        """Epochs to run: ``optim.epochs`` of student updates, plus — with
+        ``distill.equal_student_steps`` — the epochs a method spends in other phases (RID's filter
+        phases), so every method's student gets the same number of updates."""
+        epochs = self.config.optim.epochs
+        share = self.distiller.method.non_student_share
+        if share and self.config.distill.equal_student_steps:
+            return math.ceil(epochs / (1.0 - share))
+        return epochs
+
+    def train(self, *, resume: bool = False, step_callback=None) -> dict:
+        """Run the remaining epochs; returns the last metrics row. ``step_callback(epoch, step,
+        out)`` sees every step's output dict (tests use it)."""
+        config, run = self.config, self.config.run
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir = self.out_dir / "ckpt"
+        if resume:
+            self._restore(checkpoint.load(ckpt_dir / "latest.pt", map_location=self.device))
+        x_train, y_train = self._tensors(self.split.student)
+        x_val, y_val = self._tensors(self.split.validation)
+        x_test, y_test = self._tensors(None)
+        batch_size = config.optim.batch_size
+        steps_per_epoch = math.ceil(len(x_train) / batch_size)
+        epochs = self.total_epochs()
+        per_step = self.distiller.method.schedule_unit == "step"
+        total = epochs * steps_per_epoch if per_step else epochs
+        augment = config.data.augment and x_train.dim() == 4
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.amp and self.device.type == "cuda")
+
+        best_state = None  # the state at a new best validation accuracy, until the next checkpoint write
+        bar = tqdm(range(self.start_epoch, epochs), desc=config.distill.method, disable=not self.progress)
+        for epoch in bar:
+            started = time.perf_counter()
+            # One clock for every phase's optimizer: the student's progress, so that its learning
+            # rate follows the same schedule whatever time a method spends in other phases.
+            lr = learning_rate(config.optim, self.student_progress)
+            for optimizer in self.optimizers.values():
+                set_learning_rate(optimizer, lr)
+            self.distiller.train()
+            sums: dict[str, float] = defaultdict(float)
+            counts: dict[str, int] = defaultdict(int)
+            phases = []
+            correct = seen = 0
+            for step, idx in enumerate(batch_indices(len(x_train), batch_size, seed=run.seed, epoch=epoch)):
+                position = epoch * steps_per_epoch + step if per_step else epoch
+                phase = self.distiller.phase(position, total)
+                inputs = random_crop_flip(x_train[idx]) if augment else x_train[idx]
+                with autocast:
+                    out = self.distiller(inputs, y_train[idx], position=position, total=total)
+                optimizer = self.optimizers[phase]
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if config.optim.grad_clip:
+                    nn.utils.clip_grad_norm_(
+                        [p for group in optimizer.param_groups for p in group["params"]], config.optim.grad_clip
+                    )
+                optimizer.step()
+                if step_callback is not None:
+                    step_callback(epoch, step, out)
+                for key, value in out.items():
+                    if key != "logits":
+                        sums[f"{phase}/{key}"] += float(value.detach())
+                        counts[f"{phase}/{key}"] += 1
+                if phase == "student":
+                    correct += int((out["logits"].argmax(1) == y_train[idx]).sum())
+                    seen += len(idx)
+                    self.student_progress += 1.0 / steps_per_epoch
+                phases.append(phase)
+            row = {"epoch": epoch + 1, "phase": "/".join(dict.fromkeys(phases)), "lr": lr}
+            row.update({key: sums[key] / counts[key] for key in sums})
+            if seen:
+                row["train_acc"] = 100.0 * correct / seen
+            if (epoch + 1) % max(run.eval_every, 1) == 0 or epoch + 1 == epochs:
+                row["val_acc"] = accuracy(self.distiller.student, x_val, y_val)
+                row["test_acc"] = accuracy(self.distiller.student, x_test, y_test)
+            row["seconds"] = time.perf_counter() - started
+            self.history.append(row)
+            write_csv_atomic(self.history, self.out_dir / "metrics.csv")
+            if row.get("val_acc", -math.inf) > self.best_val:
+                self.best_val = row["val_acc"]
+                best_state = self._state(epoch)
+            if (run.checkpoint_every and (epoch + 1) % run.checkpoint_every == 0) or epoch + 1 == epochs:
+                checkpoint.save_atomic(self._state(epoch), ckpt_dir / "latest.pt")
+                if best_state is not None:
+                    checkpoint.save_atomic(best_state, ckpt_dir / "best.pt")
+                    best_state = None
+            bar.set_postfix({k: f"{row[k]:.1f}" for k in ("val_acc", "test_acc") if k in row})
+        return self.history[-1] if self.history else {}

@@ -1,0 +1,38 @@
+import pytest
+
+from rid_fast.cli import main
+
+
+def test_env(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for key in ("rid_fast", "torch", "triton", "device", 'impl="auto"'):
+        assert key in out
+
+
+def test_bench_small(capsys):
+    assert main(["bench", "--batch", "64", "--dim", "16", "--impl", "torch", "reference", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "reference" in out and "median ms" in out
+
+
+def test_train_and_plot(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--config", "configs/digits_nuisance.yaml", "optim.epochs=2", "teacher.optim.epochs=1",
+            "data.per_class=5", f"run.out_dir={run}", "run.progress=false", "distill.method=rid_gaussian"]  # fmt: skip
+    assert main(args) == 0
+    assert "final:" in capsys.readouterr().out
+    assert main(["plot", str(run)]) == 0
+    assert (run / "plots" / "accuracy.png").is_file() and (run / "plots" / "losses.png").is_file()
+
+
+def test_config_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--config", "configs/digits_nuisance.yaml", "optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_unknown_command():
+    with pytest.raises(SystemExit):
+        main(["fly"])

@@ -1,0 +1,150 @@
+"""The trainer: config loading and errors, checkpoints and exact resume, compare end to end."""
+
+import csv
+
+import pytest
+import torch
+
+from rid_fast.train import checkpoint
+from rid_fast.train.compare import paired_differences, run_compare
+from rid_fast.train.config import load_config
+from rid_fast.train.loop import Trainer
+
+TINY = [
+    "data.per_class=6",
+    "teacher.model={name: mlp, hidden: [32, 32]}",
+    "teacher.optim.epochs=3",
+    "student.model={name: mlp, hidden: [8, 8]}",
+    "distill.teacher_layers=[blocks.0, blocks.1]",
+    "distill.student_layers=[blocks.0, blocks.1]",
+    "optim.epochs=5",
+    "optim.batch_size=16",
+    "run.progress=false",
+]
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config(None, [*TINY, f"run.out_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.2\n  epochs: 7\nteacher:\n  optim: {lr: 0.01}\n")
+    config = load_config(path, ["optim.lr=0.3", "distill.method=vid"])
+    assert (config.optim.lr, config.optim.epochs, config.distill.method) == (0.3, 7, "vid")
+    assert config.teacher.optim.lr == 0.01 and config.teacher.optim.epochs == 60  # section defaults kept
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        (["optim.lrr=0.1"], ValueError, r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
+        (["optim.lr=fast"], ValueError, "optim.lr must be float; got str 'fast'"),
+        (["optim.epochs=2.5"], ValueError, "optim.epochs must be int; got float 2.5"),
+        (["distill.teacher_layers=blocks.0"], ValueError, "distill.teacher_layers must be a list"),
+        (["run=3"], ValueError, "run must be a mapping"),
+        (["optim.lr"], ValueError, "must look like section.key=value"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, error, match):
+    with pytest.raises(error, match=match):
+        load_config(None, overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_atomic_checkpoint_round_trip(tmp_path):
+    state = {"weights": torch.randn(3, 3), "rng": checkpoint.rng_state()}
+    checkpoint.save_atomic(state, tmp_path / "ckpt" / "latest.pt")
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["latest.pt"]  # no temporary file left
+    loaded = checkpoint.load(tmp_path / "ckpt" / "latest.pt")
+    assert torch.equal(loaded["weights"], state["weights"])
+
+
+def test_rng_state_restores_the_same_draws():
+    state = checkpoint.rng_state()
+    a = (torch.rand(3), torch.randn(2))
+    checkpoint.set_rng_state(state)
+    b = (torch.rand(3), torch.randn(2))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _losses(trainer, **kwargs):
+    losses = {}
+
+    def record(epoch, step, out):
+        losses[(epoch, step)] = float(out["loss"])
+
+    trainer.train(step_callback=record, **kwargs)
+    return losses
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method,teacher", [("rid_gaussian", "noisy"), ("crd", "trained")])
+def test_resume_continues_exactly(tmp_path, method, teacher):
+    overrides = [f"distill.method={method}", f"teacher.kind={teacher}"]
+    reference = _losses(Trainer(tiny_config(tmp_path / "a", *overrides)))
+
+    interrupted = Trainer(tiny_config(tmp_path / "b", *overrides))
+    seen = {}
+
+    def stop(epoch, step, out):
+        seen[(epoch, step)] = float(out["loss"])
+        if epoch == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        interrupted.train(step_callback=stop)
+    resumed = _losses(Trainer(tiny_config(tmp_path / "b", *overrides)), resume=True)
+    assert min(resumed)[0] == 3  # picks up after the last completed epoch
+    assert resumed == {key: value for key, value in reference.items() if key[0] >= 3}
+
+
+def test_run_writes_metrics_and_checkpoints(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "distill.method=rid_gaussian"))
+    final = trainer.train()
+    run = tmp_path / "run"
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len(rows) == trainer.total_epochs() and {"val_acc", "test_acc", "lr", "seconds"} <= set(rows[0])
+    assert any(r["phase"] == "filter" for r in rows) and "student/redundancy/1" in rows[-1]
+    assert (run / "ckpt" / "latest.pt").is_file() and (run / "ckpt" / "best.pt").is_file()
+    assert 0 <= final["test_acc"] <= 100
+
+
+def test_rid_student_gets_as_many_updates_as_the_others(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "distill.method=rid_gaussian", "optim.epochs=20"))
+    trainer.train()
+    assert trainer.total_epochs() == 25
+    assert trainer.student_progress == pytest.approx(20.0)
+
+
+def test_compare_end_to_end(tmp_path):
+    config = load_config(
+        None,
+        [*TINY, "optim.epochs=2", "compare.methods=[nokd, vid, rid_gaussian]", "compare.teachers=[trained, untrained]"],
+    )
+    rows = run_compare(config, tmp_path / "cmp", seeds=2)
+    assert len(rows) == 2 * (1 + 2 * 2)
+    with open(tmp_path / "cmp" / "summary.csv") as handle:
+        summary = list(csv.DictReader(handle))
+    assert list(summary[0]) == ["method", "teacher", "seed", "test_acc"]
+    assert {(r["method"], r["teacher"]) for r in summary} == {
+        ("nokd", "none"),
+        ("vid", "trained"),
+        ("vid", "untrained"),
+        ("rid_gaussian", "trained"),
+        ("rid_gaussian", "untrained"),
+    }
+    table = {(r["method"], r["teacher"]): r for r in paired_differences(rows)}
+    by_seed = {(r["method"], r["teacher"], r["seed"]): r["test_acc"] for r in rows}
+    expected = sum(by_seed[("vid", "trained", s)] - by_seed[("nokd", "none", s)] for s in range(2)) / 2
+    assert table[("vid", "trained")]["diff"] == pytest.approx(expected)
+    for name in ("report.md", "accuracy.png", "curves.png"):
+        assert (tmp_path / "cmp" / name).is_file()
+    assert len(list((tmp_path / "cmp" / "teachers").glob("*.pt"))) == 2  # one trained teacher per seed
