@@ -97,12 +97,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_config(args: argparse.Namespace):
+    """The config file with the command line's ``key=value`` overrides (``--data-dir`` included)."""
+    from rid_fast.train.config import load_config
+
+    overrides = list(args.overrides)
+    if args.data_dir is not None:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    return load_config(args.config, overrides)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one student as the config says; prints the final metrics."""
-    from rid_fast.train.config import load_config
     from rid_fast.train.loop import Trainer
 
-    config = load_config(args.config, args.overrides)
+    config = _experiment_config(args)
     final = Trainer(config).train(resume=args.resume)
     shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in final.items() if "/" not in k}
     print(f"run folder: {config.run.out_dir}\nfinal: {shown}")
@@ -112,11 +121,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Every method with every teacher for K seeds; summary.csv, report.md and plots in --out."""
     from rid_fast.train.compare import run_compare
-    from rid_fast.train.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    config = _experiment_config(args)
     progress = sys.stderr.isatty() if config.run.progress is None else config.run.progress
-    run_compare(config, args.out, seeds=args.seeds, progress=progress)
+    run_compare(config, args.out, seeds=args.seeds, progress=progress, workers=args.workers)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
@@ -142,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="one distillation run")
     train.add_argument("--config", required=True, help="YAML experiment config")
+    train.add_argument("--data-dir", help="folder holding the dataset files (cifar10: cifar-10-batches-py/)")
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt/latest.pt")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.1 distill.method=vid")
     train.set_defaults(run=cmd_train)
@@ -150,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", required=True, help="YAML experiment config (its compare section)")
     compare.add_argument("--seeds", type=int, default=None, help="number of seeds (default: compare.seeds)")
     compare.add_argument("--out", required=True, help="output folder")
+    compare.add_argument(
+        "--workers", type=int, default=None, help="runs trained side by side (default: CPU cores; 1 on a GPU)"
+    )
+    compare.add_argument("--data-dir", help="folder holding the dataset files (cifar10: cifar-10-batches-py/)")
     compare.add_argument("overrides", nargs="*", metavar="key=value")
     compare.set_defaults(run=cmd_compare)
 

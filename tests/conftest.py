@@ -1,3 +1,6 @@
+import pickle
+
+import numpy as np
 import pytest
 
 from rid_fast import streaming
@@ -7,3 +10,21 @@ from rid_fast import streaming
 def small_tiles(monkeypatch):
     """Stream in 16 × 32 tiles so that odd shapes span several tiles, ragged edges and diagonal offsets."""
     monkeypatch.setattr(streaming, "DEFAULT_BLOCK", (16, 32))
+
+
+@pytest.fixture
+def cifar_archive(tmp_path):
+    """A CIFAR-10 python archive in ``tmp_path/cifar-10-batches-py`` with 4 random images per
+    batch file; returns the list of (images (4, 3, 32, 32) uint8, labels (4,)) per file, the five
+    training batches first."""
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    batches = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = rng.integers(0, 256, size=(4, 3, 32, 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=4)
+        with open(root / name, "wb") as handle:
+            pickle.dump({b"data": images.reshape(len(images), -1), b"labels": list(labels)}, handle)
+        batches.append((images, labels))
+    return batches

@@ -26,6 +26,16 @@ def test_train_and_plot(tmp_path, capsys):
     assert (run / "plots" / "accuracy.png").is_file() and (run / "plots" / "losses.png").is_file()
 
 
+def test_train_cifar10_wrn_from_data_dir(tmp_path, cifar_archive, capsys):
+    """The paper's CIFAR-10 config runs on a user's archive given by --data-dir (shrunk: WRN-10-1)."""
+    wrn = "{name: wrn, depth: 10, widen: 1}"
+    args = ["train", "--config", "configs/cifar10_wrn.yaml", "--data-dir", str(tmp_path), f"teacher.model={wrn}",
+            f"student.model={wrn}", "optim.epochs=1", "teacher.optim.epochs=1", "optim.batch_size=8",
+            "data.val_fraction=0.2", f"run.out_dir={tmp_path / 'run'}", "run.progress=false"]  # fmt: skip
+    assert main(args) == 0
+    assert "final:" in capsys.readouterr().out
+
+
 def test_config_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -1,5 +1,3 @@
-import pickle
-
 import numpy as np
 import pytest
 import torch
@@ -39,21 +37,8 @@ def test_unknown_dataset():
         load_dataset("imagenet")
 
 
-def _write_batch(path, images, labels):
-    with open(path, "wb") as handle:
-        pickle.dump({b"data": images.reshape(len(images), -1), b"labels": list(labels)}, handle)
-
-
-def test_cifar10_from_a_generated_python_archive(tmp_path):
-    root = tmp_path / "cifar-10-batches-py"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    batches = []
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        images = rng.integers(0, 256, size=(4, 3, 32, 32), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=4)
-        _write_batch(root / name, images, labels)
-        batches.append((images, labels))
+def test_cifar10_from_a_generated_python_archive(tmp_path, cifar_archive):
+    batches = cifar_archive
     data = load_cifar10(str(tmp_path))  # the parent folder works too
     assert data.x_train.shape == (20, 3, 32, 32) and data.x_test.shape == (4, 3, 32, 32)
     assert data.y_train.tolist() == [int(v) for _, labels in batches[:5] for v in labels]

@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 
-from rid_fast.train import checkpoint
+from rid_fast.train import checkpoint, compare
 from rid_fast.train.compare import paired_differences, run_compare
 from rid_fast.train.config import load_config
 from rid_fast.train.loop import Trainer
@@ -76,7 +76,7 @@ def _losses(trainer, **kwargs):
     losses = {}
 
     def record(epoch, step, out):
-        losses[(epoch, step)] = float(out["loss"])
+        losses[(epoch, step)] = float(out["loss"].detach())
 
     trainer.train(step_callback=record, **kwargs)
     return losses
@@ -115,6 +115,7 @@ def test_run_writes_metrics_and_checkpoints(tmp_path):
     assert any(r["phase"] == "filter" for r in rows) and "student/redundancy/1" in rows[-1]
     assert (run / "ckpt" / "latest.pt").is_file() and (run / "ckpt" / "best.pt").is_file()
     assert 0 <= final["test_acc"] <= 100
+    assert load_config(run / "config.yaml") == trainer.config  # the run folder describes itself
 
 
 def test_rid_student_gets_as_many_updates_as_the_others(tmp_path):
@@ -124,12 +125,13 @@ def test_rid_student_gets_as_many_updates_as_the_others(tmp_path):
     assert trainer.student_progress == pytest.approx(20.0)
 
 
-def test_compare_end_to_end(tmp_path):
+def test_compare_end_to_end(tmp_path, monkeypatch):
     config = load_config(
         None,
         [*TINY, "optim.epochs=2", "compare.methods=[nokd, vid, rid_gaussian]", "compare.teachers=[trained, untrained]"],
     )
-    rows = run_compare(config, tmp_path / "cmp", seeds=2)
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 2)  # two worker processes of one thread each
+    rows = run_compare(config, tmp_path / "cmp", seeds=2, workers=2)
     assert len(rows) == 2 * (1 + 2 * 2)
     with open(tmp_path / "cmp" / "summary.csv") as handle:
         summary = list(csv.DictReader(handle))
@@ -148,3 +150,12 @@ def test_compare_end_to_end(tmp_path):
     for name in ("report.md", "accuracy.png", "curves.png"):
         assert (tmp_path / "cmp" / name).is_file()
     assert len(list((tmp_path / "cmp" / "teachers").glob("*.pt"))) == 2  # one trained teacher per seed
+
+
+def test_compare_in_parallel_matches_one_process(tmp_path, monkeypatch):
+    """Worker processes change nothing: same runs, same order, same accuracies (one thread each)."""
+    config = load_config(None, [*TINY, "optim.epochs=1", "compare.methods=[nokd, fitnets]", "compare.teachers=[noisy]"])
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 2)
+    parallel = run_compare(config, tmp_path / "parallel", seeds=2, workers=2)
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 1)
+    assert run_compare(config, tmp_path / "inline", seeds=2, workers=1) == parallel

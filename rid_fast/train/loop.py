@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -48,7 +49,14 @@ from rid_fast.train.supervised import (
 )
 from rid_fast.train.teachers import make_teacher
 
-__all__ = ["Trainer", "write_csv_atomic"]
+__all__ = ["Trainer", "write_csv_atomic", "write_text_atomic"]
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Replace ``path`` with ``text`` atomically (write a sibling, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_csv_atomic(rows: list[dict], path: Path) -> None:
@@ -58,9 +66,7 @@ def write_csv_atomic(rows: list[dict], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(buffer.getvalue(), path)
 
 
 class Trainer:
@@ -180,6 +186,7 @@ class Trainer:
         out)`` sees every step's output dict (tests use it)."""
         config, run = self.config, self.config.run
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(yaml.safe_dump(to_dict(config), sort_keys=False), self.out_dir / "config.yaml")
         ckpt_dir = self.out_dir / "ckpt"
         if resume:
             self._restore(checkpoint.load(ckpt_dir / "latest.pt", map_location=self.device))
