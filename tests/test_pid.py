@@ -1,0 +1,197 @@
+"""BROJA PID: canonical distributions, a reference convex solver, invariants, the certificate,
+the discretisation protocol against scikit-learn, and bad inputs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rid_fast import pid
+
+ATOMS = ("red", "uni_t", "uni_s", "syn")
+
+
+def from_function(f, n_y: int, n_t: int = 2, n_s: int = 2) -> torch.Tensor:
+    """P(y, t, s) with T, S independent and uniform and Y = f(T, S)."""
+    p = torch.zeros(n_y, n_t, n_s, dtype=torch.float64)
+    for t in range(n_t):
+        for s in range(n_s):
+            p[f(t, s), t, s] += 1.0 / (n_t * n_s)
+    return p
+
+
+def rdn() -> torch.Tensor:
+    p = torch.zeros(2, 2, 2, dtype=torch.float64)
+    p[0, 0, 0] = p[1, 1, 1] = 0.5  # Y = T = S
+    return p
+
+
+CANONICAL = {  # (distribution, expected atoms in bits): Bertschinger et al. (2014), Table 1
+    "AND": (from_function(lambda t, s: t & s, 2), {"red": 0.311278, "uni_t": 0, "uni_s": 0, "syn": 0.5}),
+    "XOR": (from_function(lambda t, s: t ^ s, 2), {"red": 0, "uni_t": 0, "uni_s": 0, "syn": 1}),
+    "RDN": (rdn(), {"red": 1, "uni_t": 0, "uni_s": 0, "syn": 0}),
+    "UNQ": (from_function(lambda t, s: t, 2), {"red": 0, "uni_t": 1, "uni_s": 0, "syn": 0}),
+    "COPY": (from_function(lambda t, s: 2 * t + s, 4), {"red": 0, "uni_t": 1, "uni_s": 1, "syn": 0}),
+}
+
+
+@pytest.mark.parametrize("name", CANONICAL)
+def test_canonical_distributions(name):
+    p, expected = CANONICAL[name]
+    result = pid.broja(p)
+    for atom, value in expected.items():
+        assert getattr(result, atom) == pytest.approx(value, abs=1e-6), atom
+    assert result.gap <= 1e-6
+
+
+def random_distributions(n: int, shape, *, concentration: float = 1.0, zeros: float = 0.0, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    size = math.prod(shape)
+    p = torch.distributions.Gamma(torch.full((n, size), concentration), 1.0).sample().double()
+    p = p * (torch.rand(n, size, generator=gen) >= zeros)
+    p[:, 0] += (p.sum(1) == 0).double()  # never all zero
+    return (p / p.sum(1, keepdim=True)).reshape(n, *shape)
+
+
+def reference_max_conditional_entropy(p: np.ndarray) -> float:
+    """max over Δ_P of H_Q(Y|T,S) in nats, by cvxpy (exponential-cone relative entropy)."""
+    cp = pytest.importorskip("cvxpy")
+    n_y, n_t, n_s = p.shape
+    q = [cp.Variable((n_t, n_s), nonneg=True) for _ in range(n_y)]
+    constraints = []
+    for y in range(n_y):
+        constraints += [cp.sum(q[y], axis=1) == p[y].sum(1), cp.sum(q[y], axis=0) == p[y].sum(0)]
+    q_ts = sum(q)
+    problem = cp.Problem(cp.Minimize(sum(cp.sum(cp.rel_entr(q[y], q_ts)) for y in range(n_y))), constraints)
+    problem.solve(solver="CLARABEL")
+    return -problem.value
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (3, 4, 2), (5, 3, 6), (10, 8, 8)])
+@pytest.mark.parametrize("zeros", [0.0, 0.5])
+def test_matches_a_reference_convex_solver(shape, zeros):
+    pytest.importorskip("cvxpy")
+    p = random_distributions(6, shape, concentration=0.5, zeros=zeros, seed=sum(shape))
+    result = pid.broja_batch(p)
+    h_y, _, _, mi_ts = pid._mutual_informations(p)
+    for i in range(len(p)):
+        h_max = reference_max_conditional_entropy(p[i].numpy())
+        synergy = float(mi_ts[i] - (h_y[i] - h_max)) / pid.LN2
+        assert float(result.syn[i]) == pytest.approx(synergy, abs=1e-6)
+
+
+def test_invariants_and_certificate_on_random_distributions():
+    p = torch.cat([random_distributions(32, (4, 5, 3), seed=1), random_distributions(32, (4, 5, 3), zeros=0.6, seed=2)])
+    result = pid.broja_batch(p)
+    atoms = torch.stack([getattr(result, a) for a in ATOMS])
+    assert bool((atoms >= -1e-6).all())
+    torch.testing.assert_close(atoms.sum(0), result.mi_ts, atol=1e-9, rtol=0)
+    torch.testing.assert_close(result.red + result.uni_t, result.mi_t, atol=1e-9, rtol=0)
+    assert bool((result.gap <= 1e-6).all())
+    # Swapping the sources swaps the unique atoms (this also runs the solver on the transposed layout).
+    swapped = pid.broja_batch(p.transpose(2, 3))
+    torch.testing.assert_close(swapped.uni_t, result.uni_s, atol=1e-6, rtol=0)
+    torch.testing.assert_close(swapped.red, result.red, atol=1e-6, rtol=0)
+
+
+def test_certificate_bounds_the_error():
+    """The reported gap is a proof: the true optimum lies within it (checked against cvxpy)."""
+    pytest.importorskip("cvxpy")
+    p = random_distributions(4, (3, 3, 3), seed=7)
+    coarse = pid.broja_batch(p, max_iter=6)  # stopped early: a large but honest gap
+    h_y, _, _, mi_ts = pid._mutual_informations(p)
+    for i in range(len(p)):
+        synergy = float(mi_ts[i] - (h_y[i] - reference_max_conditional_entropy(p[i].numpy()))) / pid.LN2
+        assert float(coarse.gap[i]) > 1e-6
+        assert 0 <= synergy - float(coarse.syn[i]) <= float(coarse.gap[i]) + 1e-9
+
+
+def test_batch_equals_one_at_a_time_and_deterministic_target():
+    p = random_distributions(3, (3, 4, 4), zeros=0.3, seed=3)
+    batch = pid.broja_batch(p)
+    for i in range(3):
+        single = pid.broja(p[i])
+        for atom in ATOMS:
+            assert single.__getattribute__(atom) == pytest.approx(float(getattr(batch, atom)[i]), abs=1e-7)
+    constant = pid.broja(random_distributions(1, (1, 3, 3), seed=4)[0])  # |Y| = 1: nothing to know
+    assert all(abs(getattr(constant, a)) < 1e-9 for a in (*ATOMS, "mi_ts"))
+
+
+@pytest.mark.slow
+def test_largest_size_is_certified():
+    p = random_distributions(1, (100, 32, 32), seed=5)
+    result = pid.broja_batch(p)
+    assert float(result.gap[0]) <= 1e-6
+    assert min(float(getattr(result, a)[0]) for a in ATOMS) >= -1e-6
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.full((2, 2), 0.25), r"shape \(\|Y\|, \|T\|, \|S\|\)"),
+        (torch.tensor([[[0.5, 0.5], [0.5, -0.5]]]), "non-negative"),
+        (torch.full((2, 2, 2), 0.2), "sum to 1"),
+        (torch.tensor([[[math.nan, 1.0]]]), "finite"),
+        (torch.zeros(0, 2, 2), "empty"),
+        ("abc", "array-like"),
+    ],
+)
+def test_bad_distributions(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        pid.broja(bad)
+
+
+def test_pca_matches_scikit_learn():
+    sklearn = pytest.importorskip("sklearn.decomposition")
+    x = torch.nn.functional.normalize(
+        torch.randn(300, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    )
+    expected = sklearn.PCA(5, svd_solver="full").fit_transform(x.numpy())
+    np.testing.assert_allclose(pid._pca(x, 5).numpy(), expected, atol=1e-10)
+
+
+def test_kmeans_matches_scikit_learn():
+    datasets = pytest.importorskip("sklearn.datasets")
+    cluster = pytest.importorskip("sklearn.cluster")
+    metrics = pytest.importorskip("sklearn.metrics")
+    x, _ = datasets.make_blobs(500, n_features=5, centers=6, random_state=0)
+    ours = pid._kmeans(torch.tensor(x), 6, gen=torch.Generator().manual_seed(0), n_init=10, max_iter=300, tol=1e-4)
+    theirs = cluster.KMeans(6, n_init=10, random_state=0).fit(x).labels_
+    assert metrics.adjusted_rand_score(theirs, ours.numpy()) == 1.0  # same partition
+    # Without clear clusters the local optimum differs; its quality must not.
+    z = np.random.default_rng(0).normal(size=(600, 5))
+    labels = pid._kmeans(torch.tensor(z), 10, gen=torch.Generator().manual_seed(0), n_init=10, max_iter=300, tol=1e-4)
+    centres = np.stack([z[labels.numpy() == c].mean(0) for c in range(10)])
+    inertia = ((z - centres[labels.numpy()]) ** 2).sum()
+    assert inertia <= 1.01 * cluster.KMeans(10, n_init=10, random_state=0).fit(z).inertia_
+
+
+def test_discretize_is_seeded_and_checks_inputs():
+    x = torch.randn(120, 8, 3, 3)
+    labels = pid.discretize(x, n_clusters=4, seed=3)
+    assert labels.shape == (120,) and labels.dtype == torch.int64 and set(labels.tolist()) <= set(range(4))
+    assert torch.equal(labels, pid.discretize(x, n_clusters=4, seed=3))
+    with pytest.raises(ValueError, match="n_clusters"):
+        pid.discretize(x, n_clusters=500)
+    with pytest.raises(ValueError, match="n_components"):
+        pid.discretize(torch.randn(10, 3), n_components=4)
+    with pytest.raises(ValueError, match="floating-point"):
+        pid.discretize(torch.ones(10, 3, dtype=torch.int64))
+
+
+def test_measure_a_student_that_copies_the_teacher():
+    """Identical representations: everything the teacher knows is redundant, nothing unique."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (400,), generator=gen)
+    teacher = torch.nn.functional.one_hot(labels, 4).double() * 3 + torch.randn(
+        400, 4, generator=gen, dtype=torch.float64
+    )
+    copied = pid.measure(teacher, teacher.clone(), labels, n_components=3, n_clusters=4)
+    assert copied.uni_t == pytest.approx(0, abs=1e-6) and copied.red == pytest.approx(copied.mi_t, abs=1e-6)
+    assert copied.red > 1.0  # the clusters do carry the label
+    noise = torch.randn(400, 4, generator=gen, dtype=torch.float64)
+    ignorant = pid.measure(teacher, noise, labels, n_components=3, n_clusters=4)
+    assert ignorant.uni_t > 0.8 * copied.mi_t  # an unrelated student leaves the teacher's knowledge unique
+    with pytest.raises(ValueError, match="student_reps must have shape"):
+        pid.measure(teacher, teacher[:10], labels)
