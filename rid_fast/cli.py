@@ -5,6 +5,7 @@
     rid-fast train --config FILE [key=value ...] [--resume]   one distillation run
     rid-fast compare --config FILE --seeds K --out DIR        methods × teachers × seeds, paired report
     rid-fast plot RUN_DIR                                     plots of a run or a comparison
+    rid-fast pid RUN_DIR                                      PID of the distilled layers: what was transferred
     rid-fast env                                              versions, device, which implementation runs
     rid-fast bench [--estimator infonce ...]                  estimator time and memory, impls side by side
 """
@@ -144,6 +145,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pid(args: argparse.Namespace) -> int:
+    """PID of every distilled layer pair of a run (or of every run of a comparison)."""
+    from rid_fast.train.compare import pid_table
+    from rid_fast.train.measure import measure_folder
+
+    rows = measure_folder(args.run_dir)
+    print(f"{'method':<14} {'teacher':<10} {'layer':>5} {'Red':>7} {'Uni_T':>7} {'I(Y;S)':>7}  (bits, seed mean)")
+    for r in pid_table(rows):
+        cells = f"{r['red']:>7.3f} {r['uni_t']:>7.3f} {r['mi_s']:>7.3f}"
+        print(f"{r['method']:<14} {r['teacher']:<10} {r['layer']:>5} {cells}")
+    print(f"wrote {Path(args.run_dir) / 'pid.csv'} and {Path(args.run_dir) / 'pid.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rid-fast", description="Fast Redundant Information Distillation.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="plots of a run or comparison folder")
     plot.add_argument("run_dir")
     plot.set_defaults(run=cmd_plot)
+
+    pid = commands.add_parser("pid", help="PID (Red, Uni, Syn) of the distilled layers of a run or comparison")
+    pid.add_argument("run_dir")
+    pid.set_defaults(run=cmd_pid)
 
     env = commands.add_parser("env", help="versions, device and which implementation runs")
     env.set_defaults(run=cmd_env)

@@ -204,10 +204,20 @@ class RIDDistiller(nn.Module):
         return (list(self.student.parameters()) + own) if phase == "student" else own
 
     @torch.no_grad()
+    def teacher_outputs(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Teacher logits and raw features of its distilled layers. The teacher is frozen, so a
+        trainer may compute these once for a fixed training set and pass them to :meth:`forward`."""
+        return self._run(self.teacher, getattr(self, "_teacher_hooks", None), x)
+
+    @torch.no_grad()
     def teacher_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Teacher logits and transformed features (standardised, noisy channels replaced)."""
-        logits, feats = self._run(self.teacher, getattr(self, "_teacher_hooks", None), x)
+        logits, feats = self.teacher_outputs(x)
         return logits, self.teacher_transform(feats)
+
+    def student_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Student logits and the features of its distilled layers (with the student's current mode)."""
+        return self._run(self.student, getattr(self, "_student_hooks", None), x)
 
     @torch.no_grad()
     def fit_teacher_statistics(self, inputs: Tensor, batch_size: int = 512) -> None:
@@ -218,9 +228,21 @@ class RIDDistiller(nn.Module):
         ]
         self.teacher_transform.fit(batches)
 
-    def forward(self, x: Tensor, y: Tensor, *, position: int = 0, total: int = 1) -> dict[str, Tensor]:
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        *,
+        position: int = 0,
+        total: int = 1,
+        teacher_outputs: tuple[Tensor, Sequence[Tensor]] | None = None,
+    ) -> dict[str, Tensor]:
+        """One step's losses. ``teacher_outputs``: this batch's :meth:`teacher_outputs`, if the
+        caller has them already (the teacher is then not run)."""
         phase = self.phase(position, total)
-        teacher_logits, teacher_feats = self.teacher_features(x)
+        if teacher_outputs is None:
+            teacher_outputs = self.teacher_outputs(x)
+        teacher_logits, teacher_feats = teacher_outputs[0], self.teacher_transform(teacher_outputs[1])
         if phase == "student":
             student_logits, student_feats = self._run(self.student, getattr(self, "_student_hooks", None), x)
         else:  # the student is not trained in this phase: its BatchNorm statistics stay as they are

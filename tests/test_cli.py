@@ -24,6 +24,10 @@ def test_train_and_plot(tmp_path, capsys):
     assert "final:" in capsys.readouterr().out
     assert main(["plot", str(run)]) == 0
     assert (run / "plots" / "accuracy.png").is_file() and (run / "plots" / "losses.png").is_file()
+    capsys.readouterr()
+    assert main(["pid", str(run)]) == 0  # rebuilt from config.yaml and the checkpoint alone
+    assert "rid_gaussian" in capsys.readouterr().out
+    assert (run / "pid.csv").is_file() and (run / "pid.png").is_file()
 
 
 def test_train_cifar10_wrn_from_data_dir(tmp_path, cifar_archive, capsys):

@@ -9,6 +9,7 @@ from rid_fast.train import checkpoint, compare
 from rid_fast.train.compare import paired_differences, run_compare
 from rid_fast.train.config import load_config
 from rid_fast.train.loop import Trainer
+from rid_fast.train.measure import read_pid_csv
 
 TINY = [
     "data.per_class=6",
@@ -95,7 +96,7 @@ def test_resume_continues_exactly(tmp_path, method, teacher):
     seen = {}
 
     def stop(epoch, step, out):
-        seen[(epoch, step)] = float(out["loss"])
+        seen[(epoch, step)] = float(out["loss"].detach())
         if epoch == 3:
             raise _Interrupt
 
@@ -116,6 +117,19 @@ def test_run_writes_metrics_and_checkpoints(tmp_path):
     assert (run / "ckpt" / "latest.pt").is_file() and (run / "ckpt" / "best.pt").is_file()
     assert 0 <= final["test_acc"] <= 100
     assert load_config(run / "config.yaml") == trainer.config  # the run folder describes itself
+
+
+def test_pid_is_tracked_during_training(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "distill.method=vid", "optim.epochs=4", "run.pid_every=2",
+                                  "run.pid_clusters=4"))  # fmt: skip
+    trainer.train()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    measured = [int(r["epoch"]) for r in rows if r.get("pid/1/red")]
+    assert measured == [2, 4]
+    for r in rows:
+        if r.get("pid/0/red"):
+            red, uni_t, mi_t = (float(r[f"pid/0/{k}"]) for k in ("red", "uni_t", "mi_t"))
+            assert red + uni_t == pytest.approx(mi_t, abs=1e-6) and min(red, uni_t) >= -1e-6
 
 
 def test_rid_student_gets_as_many_updates_as_the_others(tmp_path):
@@ -147,8 +161,12 @@ def test_compare_end_to_end(tmp_path, monkeypatch):
     by_seed = {(r["method"], r["teacher"], r["seed"]): r["test_acc"] for r in rows}
     expected = sum(by_seed[("vid", "trained", s)] - by_seed[("nokd", "none", s)] for s in range(2)) / 2
     assert table[("vid", "trained")]["diff"] == pytest.approx(expected)
-    for name in ("report.md", "accuracy.png", "curves.png"):
+    for name in ("report.md", "accuracy.png", "curves.png", "pid.csv", "pid.png"):
         assert (tmp_path / "cmp" / name).is_file()
+    pid_rows = read_pid_csv(tmp_path / "cmp" / "pid.csv")
+    assert len(pid_rows) == len(rows) * 2  # every run, both layer pairs
+    assert all(r["red"] >= -1e-6 and r["uni_t"] >= -1e-6 and r["gap"] <= 1e-6 for r in pid_rows)
+    assert "What was distilled" in (tmp_path / "cmp" / "report.md").read_text()
     assert len(list((tmp_path / "cmp" / "teachers").glob("*.pt"))) == 2  # one trained teacher per seed
 
 

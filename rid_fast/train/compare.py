@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from rid_fast.data import Dataset, load_dataset, split
 from rid_fast.train.config import ExperimentConfig
 from rid_fast.train.loop import Trainer
+from rid_fast.train.measure import layer_rows, write_pid_csv
 from rid_fast.train.supervised import resolve_device
 from rid_fast.train.teachers import TEACHER_KINDS, make_teacher
 
@@ -93,7 +94,15 @@ def run_compare(
             rows[(row["seed"], row["method"], row["teacher"])] = row
             _write_summary([rows[job] for job in jobs if job in rows], out_dir / "summary.csv")
     ordered = [rows[job] for job in jobs]
-    write_report(ordered, out_dir)
+    pid_rows = [
+        row
+        for r in ordered
+        for row in layer_rows(r.get("pid", {}), run=f"{r['method']}_{r['teacher']}_seed{r['seed']}",
+                              method=r["method"], teacher=r["teacher"], seed=r["seed"])
+    ]  # fmt: skip
+    if pid_rows:
+        write_pid_csv(pid_rows, out_dir / "pid.csv")
+    write_report(ordered, out_dir, pid_rows)
     return ordered
 
 
@@ -147,14 +156,18 @@ def _prepare_teacher(config: ExperimentConfig, out_dir: Path, seed: int, kind: s
 def _run_one(config: ExperimentConfig, out_dir: Path, seed: int, method: str, kind: str, threads: int) -> dict:
     run_config = _seed_config(config, out_dir, seed, method, kind)
     dataset, data_split, teacher = _teacher(run_config, out_dir, threads)
-    final = Trainer(run_config, dataset=dataset, data_split=data_split, teacher=teacher).train()
-    return {"method": method, "teacher": kind, "seed": seed, "test_acc": round(final["test_acc"], 4)}
+    trainer = Trainer(run_config, dataset=dataset, data_split=data_split, teacher=teacher)
+    final = trainer.train()
+    row = {"method": method, "teacher": kind, "seed": seed, "test_acc": round(final["test_acc"], 4)}
+    if config.compare.pid:  # on the test set, like the accuracy
+        row["pid"] = trainer.measure_pid(*trainer._tensors(None))
+    return row
 
 
 def _write_summary(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["method", "teacher", "seed", "test_acc"])
+        writer = csv.DictWriter(handle, fieldnames=["method", "teacher", "seed", "test_acc"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -194,8 +207,27 @@ def paired_differences(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_report(rows: list[dict], out_dir: Path) -> None:
-    """``report.md`` (the paired-difference table) and the plots."""
+def pid_table(pid_rows: list[dict]) -> list[dict]:
+    """Per (method, teacher, layer): mean Red(Y:T,S), Uni(Y:T\\S) and I(Y;S) over seeds, bits."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in pid_rows:
+        cells.setdefault((r["method"], r["teacher"], r["layer"]), []).append(r)
+    mean = lambda members, key: sum(m[key] for m in members) / len(members)  # noqa: E731
+    return [
+        {
+            "method": m,
+            "teacher": t,
+            "layer": k,
+            "red": mean(v, "red"),
+            "uni_t": mean(v, "uni_t"),
+            "mi_s": mean(v, "mi_s"),
+        }
+        for (m, t, k), v in cells.items()
+    ]
+
+
+def write_report(rows: list[dict], out_dir: Path, pid_rows: list[dict] | None = None) -> None:
+    """``report.md`` (the paired-difference table, and the PID table when measured) and the plots."""
     table = paired_differences(rows)
     fmt = lambda v: "—" if isinstance(v, float) and math.isnan(v) else f"{v:+.2f}"  # noqa: E731
     lines = [
@@ -217,7 +249,25 @@ def write_report(rows: list[dict], out_dir: Path) -> None:
         lines.append(
             f"| {r['method']} | {r['teacher']} | {r['seeds']} | {r['test_acc']:.2f} | {fmt(r['diff'])} | {interval} |"
         )
+    if pid_rows:
+        lines += [
+            "",
+            "## What was distilled (PID on the test set, bits)",
+            "",
+            "Red = Red(Y:T,S), the label information the student shares with the teacher; Uni_T = Uni(Y:T\\S),",
+            "what the teacher knows that the student does not; I(Y;S) = all the student's layer holds.",
+            "Representations are discretised (PCA, k-means) before BROJA; means over seeds.",
+            "",
+            "| method | teacher | layer | Red | Uni_T | I(Y;S) |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['method']} | {r['teacher']} | {r['layer']} | {r['red']:.3f} | {r['uni_t']:.3f} | {r['mi_s']:.3f} |"
+            for r in pid_table(pid_rows)
+        ]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    from rid_fast.plots import plot_compare
+    from rid_fast.plots import plot_compare, plot_pid
 
     plot_compare(out_dir, table)
+    if pid_rows:
+        plot_pid(pid_rows, out_dir / "pid.png")

@@ -97,7 +97,9 @@ class RunConfig:
     amp: bool = False  # bf16 autocast on CUDA
     eval_every: int = 1  # epochs between evaluations (always at the end)
     checkpoint_every: int = 1  # epochs between ckpt/latest.pt writes (0: only at the end)
-    pid_every: int = 0  # epochs between PID measurements of the distilled layers (0: off)
+    pid_every: int = 0  # epochs between PID measurements of the distilled layers on validation (0: off)
+    pid_components: int = 5  # PID measurement: principal components kept per representation
+    pid_clusters: int = 10  # PID measurement: k-means clusters per representation
     progress: bool | None = None  # progress bar; None: only when stderr is a terminal
 
 
@@ -106,6 +108,7 @@ class CompareConfig:
     methods: list[str] = field(default_factory=lambda: ["nokd", "kd", "fitnets", "vid", "rid_gaussian", "rid_infonce"])
     teachers: list[str] = field(default_factory=lambda: ["trained", "untrained", "noisy"])
     seeds: int = 5
+    pid: bool = True  # measure Red(Y:T,S) and Uni(Y:T\S) of every run at the end (pid.csv, report)
 
 
 @dataclass

@@ -181,6 +181,28 @@ class Trainer:
             return math.ceil(epochs / (1.0 - share))
         return epochs
 
+    def _teacher_cache(self, x_train: torch.Tensor, budget_bytes: int = 2**30):
+        """The frozen teacher's outputs on the (fixed, unaugmented) training set, computed once
+        instead of at every step — a third of a small student's training time — when they fit in
+        ``budget_bytes``; None otherwise."""
+        logits, feats = self.distiller.teacher_outputs(x_train[:1])
+        per_input = sum(t[0].numel() * t.element_size() for t in (logits, *feats))
+        if per_input * len(x_train) > budget_bytes:
+            return None
+        chunks = [self.distiller.teacher_outputs(x_train[i : i + 512]) for i in range(0, len(x_train), 512)]
+        return torch.cat([c[0] for c in chunks]), [torch.cat([c[1][k] for c in chunks]) for k in range(len(feats))]
+
+    def measure_pid(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """PID of every distilled layer pair on ``(x, y)`` (see :mod:`rid_fast.train.measure`)."""
+        from rid_fast.train.measure import layer_pids
+
+        if not self.config.distill.teacher_layers:
+            return {}
+        run = self.config.run
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # measuring must not change what training draws next
+            return layer_pids(self.distiller, x, y, n_components=run.pid_components, n_clusters=run.pid_clusters)
+
     def train(self, *, resume: bool = False, step_callback=None) -> dict:
         """Run the remaining epochs; returns the last metrics row. ``step_callback(epoch, step,
         out)`` sees every step's output dict (tests use it)."""
@@ -201,6 +223,7 @@ class Trainer:
         augment = config.data.augment and x_train.dim() == 4
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.amp and self.device.type == "cuda")
 
+        teacher_cache = None if augment else self._teacher_cache(x_train)
         best_state = None  # the state at a new best validation accuracy, until the next checkpoint write
         bar = tqdm(range(self.start_epoch, epochs), desc=config.distill.method, disable=not self.progress)
         for epoch in bar:
@@ -219,8 +242,9 @@ class Trainer:
                 position = epoch * steps_per_epoch + step if per_step else epoch
                 phase = self.distiller.phase(position, total)
                 inputs = random_crop_flip(x_train[idx]) if augment else x_train[idx]
+                cached = None if teacher_cache is None else (teacher_cache[0][idx], [f[idx] for f in teacher_cache[1]])
                 with autocast:
-                    out = self.distiller(inputs, y_train[idx], position=position, total=total)
+                    out = self.distiller(inputs, y_train[idx], position=position, total=total, teacher_outputs=cached)
                 optimizer = self.optimizers[phase]
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
@@ -247,6 +271,8 @@ class Trainer:
             if (epoch + 1) % max(run.eval_every, 1) == 0 or epoch + 1 == epochs:
                 row["val_acc"] = accuracy(self.distiller.student, x_val, y_val)
                 row["test_acc"] = accuracy(self.distiller.student, x_test, y_test)
+            if run.pid_every > 0 and ((epoch + 1) % run.pid_every == 0 or epoch + 1 == epochs):
+                row.update(self.measure_pid(x_val, y_val))
             row["seconds"] = time.perf_counter() - started
             self.history.append(row)
             write_csv_atomic(self.history, self.out_dir / "metrics.csv")
