@@ -1,6 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from rid_fast.cli import main
+from rid_fast.train.config import load_config
 
 
 def test_env(capsys):
@@ -36,6 +39,20 @@ def test_train_cifar10_wrn_from_data_dir(tmp_path, cifar_archive, capsys):
     args = ["train", "--config", "configs/cifar10_wrn.yaml", "--data-dir", str(tmp_path), f"teacher.model={wrn}",
             f"student.model={wrn}", "optim.epochs=1", "teacher.optim.epochs=1", "optim.batch_size=8",
             "data.val_fraction=0.2", f"run.out_dir={tmp_path / 'run'}", "run.progress=false"]  # fmt: skip
+    assert main(args) == 0
+    assert "final:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.distill.teacher_layers and len(config.distill.teacher_layers) == len(config.distill.student_layers)
+
+
+def test_train_mnist1d(tmp_path, capsys):
+    pytest.importorskip("mnist1d")
+    args = ["train", "--config", "configs/mnist1d_nuisance.yaml", "optim.epochs=2", "teacher.optim.epochs=1",
+            "data.per_class=5", f"run.out_dir={tmp_path / 'run'}", "run.progress=false"]  # fmt: skip
     assert main(args) == 0
     assert "final:" in capsys.readouterr().out
 
