@@ -57,7 +57,16 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-__all__ = ["PID", "broja", "broja_batch", "discretize", "measure", "check_distribution"]
+__all__ = [
+    "PID",
+    "broja",
+    "broja_batch",
+    "discretize",
+    "measure",
+    "check_distribution",
+    "joint_distribution",
+    "reference_max_conditional_entropy",
+]
 
 LN2 = math.log(2.0)
 _TAU_MIN = 1e-14  # smallest barrier weight
@@ -347,6 +356,25 @@ def broja_batch(p, *, tol: float = 1e-10, max_iter: int = 200) -> PID:
         gap=bits((upper - primal).clamp_min(0)),
         iterations=iterations,
     )
+
+
+def reference_max_conditional_entropy(p) -> float:
+    """max over Δ_P of H_Q(Y|T,S), in nats, of one distribution (|Y|, |T|, |S|) by a general
+    convex solver: cvxpy's relative-entropy program (exponential cone, Clarabel), one
+    distribution at a time — the slow reference the tests and the benchmark compare against.
+    Needs cvxpy (the ``dev`` extra)."""
+    import cvxpy as cp
+
+    p = check_distribution(p).numpy()
+    n_y, n_t, n_s = p.shape
+    q = [cp.Variable((n_t, n_s), nonneg=True) for _ in range(n_y)]
+    constraints = []
+    for y in range(n_y):
+        constraints += [cp.sum(q[y], axis=1) == p[y].sum(1), cp.sum(q[y], axis=0) == p[y].sum(0)]
+    q_ts = sum(q)
+    problem = cp.Problem(cp.Minimize(sum(cp.sum(cp.rel_entr(q[y], q_ts)) for y in range(n_y))), constraints)
+    problem.solve(solver="CLARABEL")
+    return -problem.value
 
 
 def broja(p, *, tol: float = 1e-10, max_iter: int = 200) -> PID:
