@@ -70,8 +70,11 @@ __all__ = [
 
 LN2 = math.log(2.0)
 _TAU_MIN = 1e-14  # smallest barrier weight
+_Q_FLOOR = 1e-30  # smallest entry on the support
 _BACKTRACKS = 12  # step halvings before a distribution skips the step
-_STALL_STEPS = 8  # Newton steps without halving the duality gap before a distribution stops
+_STALL_STEPS = 8
+_RESTART_ABOVE = 1e-7  # nats: a stalled gap above this restarts the path (at most _RESTARTS times)
+_RESTARTS = 3  # Newton steps without halving the duality gap before a distribution stops
 
 
 @dataclass
@@ -308,10 +311,14 @@ def broja_batch(p, *, tol: float = 1e-10, max_iter: int = 200) -> PID:
     lower = torch.full((n,), -math.inf, dtype=p.dtype, device=p.device)
     best_gap = torch.full((n,), math.inf, dtype=p.dtype, device=p.device)
     since_improved = torch.zeros(n, dtype=torch.long, device=p.device)
+    restarts = torch.zeros(n, dtype=torch.long, device=p.device)
     iterations = 0
     while iterations < max_iter:
         iterations += 1
-        solver.q = solver.project(solver.q)  # exactly feasible: its entropy is a certified lower bound
+        # Keep the support strictly positive (rounding can zero an entry, which would pin every
+        # later step to length 0), then make Q exactly feasible: its entropy is a certified
+        # lower bound.
+        solver.q = solver.project(torch.where(solver.support, solver.q.clamp_min(_Q_FLOOR), 0.0))
         lower = torch.maximum(lower, _conditional_entropy(solver.q))
         direction, decrement, lam, mu = solver.step(tau)
         upper = torch.minimum(upper, solver.dual_bound(lam, mu))
@@ -323,7 +330,14 @@ def broja_batch(p, *, tol: float = 1e-10, max_iter: int = 200) -> PID:
         best_gap = torch.where(improved, gap, best_gap)
         since_improved = torch.where(improved, 0, since_improved + 1)
         centred = decrement <= tau * solver.n_vars
-        done = (gap <= tol) | (since_improved >= _STALL_STEPS)
+        stalled = since_improved >= _STALL_STEPS
+        # A stall well above the usual floor means the iterate lost the central path (its τ is too
+        # small for the digits left): restart from it with τ matched to the gap, a few times.
+        restart = stalled & (gap > _RESTART_ABOVE) & (restarts < _RESTARTS)
+        tau = torch.where(restart, gap / solver.n_vars.clamp_min(1), tau)
+        restarts = restarts + restart.long()
+        since_improved = torch.where(restart, 0, since_improved)
+        done = (gap <= tol) | (stalled & ~restart)
         if bool(done.all()):
             break
         # Largest step keeping the support positive (fraction to the boundary), then backtracking.
@@ -339,8 +353,11 @@ def broja_batch(p, *, tol: float = 1e-10, max_iter: int = 200) -> PID:
         alpha = torch.where(accept, alpha, 0.0)  # no ascent found: a rounding-level direction
         solver.q = torch.where(solver.support, solver.q + alpha[:, None, None, None] * direction, 0.0)
         # Once the barrier problem is solved to its own accuracy (or no ascent is left at this τ),
-        # move along the central path.
+        # move along the central path. A step cut to nothing by the boundary means the iterate
+        # left the path's neighbourhood: back off to a larger τ to re-centre.
+        blocked = accept & (alpha < 1e-10) & ~done
         tau = torch.where((centred | ~accept) & ~done, (tau * 0.1).clamp_min(_TAU_MIN), tau)
+        tau = torch.where(blocked, tau * 100.0, tau)
     primal = lower
     h_y, mi_t, mi_s, mi_ts = _mutual_informations(p)
     mi_q = h_y - primal  # min over Δ_P of I_Q(Y;T,S)
