@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -177,7 +178,10 @@ def peak_memory_bytes(case: Case, step_ref: str | None = None) -> int:
     command = [sys.executable, "-m", "rid_fast.bench", "--peak-memory", json.dumps(asdict(case))]
     if step_ref:
         command += ["--step", step_ref]
-    result = subprocess.run(command, capture_output=True, text=True)
+    # A fixed mmap threshold turns off glibc's adaptive one, which would otherwise keep the
+    # warm-up step's freed blocks resident and hide the measured step's own peak.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"memory measurement of {case} failed:\n{result.stderr[-2000:]}")
     return int(result.stdout.strip().splitlines()[-1])
