@@ -161,9 +161,8 @@ class RIDDistiller(nn.Module):
         self.student = student
         self.teacher = teacher.requires_grad_(False).eval()
         self._features = features
-        if features is None:
-            self._student_hooks = FeatureHooks(student, student_layers, "student")
-            self._teacher_hooks = FeatureHooks(teacher, teacher_layers, "teacher")
+        self._student_hooks = None if features is not None else FeatureHooks(student, student_layers, "student")
+        self._teacher_hooks = None if features is not None else FeatureHooks(teacher, teacher_layers, "teacher")
         teacher_shapes, student_shapes = self._feature_shapes(input_shape)
         method_cls, preset = baselines.resolve_method(method)
         options = baselines.method_options(method, {**preset, **options}, strict=True)
@@ -184,8 +183,8 @@ class RIDDistiller(nn.Module):
         probe = torch.zeros(2, *input_shape, device=next(self.student.parameters()).device)
         was_training = self.student.training
         self.student.eval()
-        _, s_feats = self._run(self.student, getattr(self, "_student_hooks", None), probe)
-        _, t_feats = self._run(self.teacher, getattr(self, "_teacher_hooks", None), probe)
+        _, s_feats = self.student_features(probe)
+        _, t_feats = self.teacher_outputs(probe)
         self.student.train(was_training)
         return [tuple(f.shape[1:]) for f in t_feats], [tuple(f.shape[1:]) for f in s_feats]
 
@@ -207,7 +206,7 @@ class RIDDistiller(nn.Module):
     def teacher_outputs(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Teacher logits and raw features of its distilled layers. The teacher is frozen, so a
         trainer may compute these once for a fixed training set and pass them to :meth:`forward`."""
-        return self._run(self.teacher, getattr(self, "_teacher_hooks", None), x)
+        return self._run(self.teacher, self._teacher_hooks, x)
 
     @torch.no_grad()
     def teacher_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -217,15 +216,12 @@ class RIDDistiller(nn.Module):
 
     def student_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Student logits and the features of its distilled layers (with the student's current mode)."""
-        return self._run(self.student, getattr(self, "_student_hooks", None), x)
+        return self._run(self.student, self._student_hooks, x)
 
     @torch.no_grad()
     def fit_teacher_statistics(self, inputs: Tensor, batch_size: int = 512) -> None:
         """Fit the per-channel standardisation of the teacher's features on ``inputs``."""
-        batches = [
-            self._run(self.teacher, getattr(self, "_teacher_hooks", None), inputs[i : i + batch_size])[1]
-            for i in range(0, len(inputs), batch_size)
-        ]
+        batches = [self.teacher_outputs(inputs[i : i + batch_size])[1] for i in range(0, len(inputs), batch_size)]
         self.teacher_transform.fit(batches)
 
     def forward(
@@ -244,12 +240,12 @@ class RIDDistiller(nn.Module):
             teacher_outputs = self.teacher_outputs(x)
         teacher_logits, teacher_feats = teacher_outputs[0], self.teacher_transform(teacher_outputs[1])
         if phase == "student":
-            student_logits, student_feats = self._run(self.student, getattr(self, "_student_hooks", None), x)
+            student_logits, student_feats = self.student_features(x)
         else:  # the student is not trained in this phase: its BatchNorm statistics stay as they are
             was_training = self.student.training
             self.student.eval()
             with torch.no_grad():
-                student_logits, student_feats = self._run(self.student, getattr(self, "_student_hooks", None), x)
+                student_logits, student_feats = self.student_features(x)
             self.student.train(was_training)
         outputs = Outputs(student_logits, teacher_logits, student_feats, teacher_feats)
         losses, logs = self.method.losses(outputs, y, phase, position, total)

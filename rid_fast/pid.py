@@ -57,6 +57,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from rid_fast.dispatch import _describe as describe_tensor
+
 __all__ = [
     "PID",
     "broja",
@@ -284,7 +286,7 @@ class _Newton:
         evaluate the dual objective Σ λ P(y,t) + Σ μ P(y,s)."""
         scores = torch.where(self.support, -(lam[..., None] + mu[:, :, None, :]), -math.inf)
         lse = torch.logsumexp(scores, dim=1)  # (n, T, S); −inf where the block has no support
-        shift = lse.amax(2).clamp_min(-1e300)  # (n, T)
+        shift = lse.amax(2)  # (n, T)
         shift = torch.where(torch.isfinite(shift), shift, 0.0)
         lam = lam + shift[:, None, :]
         return (lam * self.p_yt).flatten(1).sum(1) + (mu * self.p_ys).flatten(1).sum(1)
@@ -302,7 +304,11 @@ def broja_batch(p, *, tol: float = 1e-10, max_iter: int = 200) -> PID:
     Returns:
         :class:`PID` of (n,) float64 tensors on ``p``'s device, in bits.
     """
-    p = check_distribution(p, batched=True)
+    return _solve(check_distribution(p, batched=True), tol, max_iter)
+
+
+def _solve(p: Tensor, tol: float, max_iter: int) -> PID:
+    """:func:`broja_batch` on an already checked float64 batch."""
     transposed = p.shape[3] > p.shape[2]
     solver = _Newton(p.transpose(2, 3) if transposed else p)
     n = solver.n
@@ -396,8 +402,7 @@ def reference_max_conditional_entropy(p) -> float:
 
 def broja(p, *, tol: float = 1e-10, max_iter: int = 200) -> PID:
     """BROJA PID of one distribution ``p`` of shape (|Y|, |T|, |S|) (target first); floats, bits."""
-    p = check_distribution(p)
-    return broja_batch(p[None], tol=tol, max_iter=max_iter).item(0)
+    return _solve(check_distribution(p)[None], tol, max_iter).item(0)
 
 
 # ---- the paper's measurement protocol -------------------------------------------------------------
@@ -496,9 +501,7 @@ def discretize(
 
 
 def _describe(x) -> str:
-    if isinstance(x, Tensor):
-        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return type(x).__name__
+    return f"tensor of {describe_tensor(x)}" if isinstance(x, Tensor) else type(x).__name__
 
 
 def joint_distribution(labels: Tensor, t: Tensor, s: Tensor, n_labels: int, n_t: int, n_s: int) -> Tensor:

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from rid_fast.data import Dataset, load_dataset, split
 from rid_fast.train.config import ExperimentConfig
-from rid_fast.train.loop import Trainer
-from rid_fast.train.measure import layer_rows, write_pid_csv
+from rid_fast.train.loop import Trainer, write_csv_atomic
+from rid_fast.train.measure import layer_rows
 from rid_fast.train.supervised import resolve_device
 from rid_fast.train.teachers import TEACHER_KINDS, make_teacher
 
@@ -101,7 +101,7 @@ def run_compare(
                               method=r["method"], teacher=r["teacher"], seed=r["seed"])
     ]  # fmt: skip
     if pid_rows:
-        write_pid_csv(pid_rows, out_dir / "pid.csv")
+        write_csv_atomic(pid_rows, out_dir / "pid.csv")
     write_report(ordered, out_dir, pid_rows)
     return ordered
 

@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 
 from rid_fast import pid
+from rid_fast.data import load_dataset
 from rid_fast.distiller import RIDDistiller
 from rid_fast.models import build_model
+from rid_fast.plots import plot_pid
 from rid_fast.train import checkpoint
 from rid_fast.train.config import load_config
+from rid_fast.train.loop import Trainer, write_csv_atomic
 
 __all__ = ["layer_pids", "layer_rows", "measure_run", "measure_folder", "read_pid_csv", "PID_FIELDS"]
 
@@ -49,26 +52,18 @@ def layer_pids(
     return values
 
 
-def measure_run(run_dir: str | Path, *, checkpoint_name: str = "latest.pt") -> dict[str, float]:
-    """PID of every layer pair of the trained run in ``run_dir`` (its ``config.yaml`` and
-    ``ckpt/<checkpoint_name>``), on the test set."""
-    from rid_fast.train.loop import Trainer
-
+def measure_run(run_dir: str | Path, config=None, *, checkpoint_name: str = "latest.pt") -> dict[str, float]:
+    """PID of every layer pair of the trained run in ``run_dir`` (its ``config.yaml``, unless
+    ``config`` is given, and ``ckpt/<checkpoint_name>``), on the test set."""
     run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
+    config = config or load_config(run_dir / "config.yaml")
     state = checkpoint.load(run_dir / "ckpt" / checkpoint_name, map_location="cpu")
-    trainer = Trainer(config, teacher=_placeholder_teacher(config))  # every weight comes from the checkpoint
-    trainer.distiller.load_state_dict(state["distiller"])
-    x, y = trainer._tensors(None)
-    run = config.run
-    return layer_pids(trainer.distiller, x, y, n_components=run.pid_components, n_clusters=run.pid_clusters)
-
-
-def _placeholder_teacher(config):
-    from rid_fast.data import load_dataset
-
     dataset = load_dataset(config.data.name, config.data.data_dir)
-    return build_model(config.teacher.model, dataset.input_shape, dataset.num_classes)
+    # An untrained teacher of the right architecture: every weight comes from the checkpoint.
+    teacher = build_model(config.teacher.model, dataset.input_shape, dataset.num_classes)
+    trainer = Trainer(config, dataset=dataset, teacher=teacher)
+    trainer.distiller.load_state_dict(state["distiller"])
+    return trainer.measure_pid(*trainer._tensors(None))
 
 
 def measure_folder(folder: str | Path) -> list[dict]:
@@ -83,10 +78,9 @@ def measure_folder(folder: str | Path) -> list[dict]:
         config = load_config(run_dir / "config.yaml")
         method = config.distill.method
         teacher = "none" if method == "nokd" else config.teacher.kind
-        rows += layer_rows(measure_run(run_dir), run=run_dir.name, method=method, teacher=teacher, seed=config.run.seed)
-    write_pid_csv(rows, folder / "pid.csv")
-    from rid_fast.plots import plot_pid
-
+        values = measure_run(run_dir, config)
+        rows += layer_rows(values, run=run_dir.name, method=method, teacher=teacher, seed=config.run.seed)
+    write_csv_atomic(rows, folder / "pid.csv")
     plot_pid(rows, folder / "pid.png")
     return rows
 
@@ -98,12 +92,6 @@ def layer_rows(values: dict[str, float], **identity) -> list[dict]:
         _, layer, name = key.split("/")
         layers.setdefault(int(layer), {**identity, "layer": int(layer)})[name] = value
     return [layers[k] for k in sorted(layers)]
-
-
-def write_pid_csv(rows: list[dict], path: Path) -> None:
-    from rid_fast.train.loop import write_csv_atomic
-
-    write_csv_atomic(rows, path)
 
 
 def read_pid_csv(path: Path) -> list[dict]:
