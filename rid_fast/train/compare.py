@@ -82,8 +82,9 @@ def run_compare(
         raise ValueError(f"workers must be at least 1; got {workers}")
     workers = min(workers, len(jobs))
     threads = max(1, cores // workers)
-    teacher_kinds = sorted({"untrained" if k == "untrained" else "trained" for k in kinds})
-    teacher_tasks = [(config, out_dir, seed, kind, threads) for seed in range(seeds) for kind in teacher_kinds]
+    # Trained and noisy runs share the seed's trained teacher; untrained ones need no training.
+    needs_training = any(kind != "untrained" for kind in kinds)
+    teacher_tasks = [(config, out_dir, seed, threads) for seed in range(seeds)] if needs_training else []
     run_tasks = [(config, out_dir, seed, method, kind, threads) for seed, method, kind in jobs]
     rows: dict[tuple, dict] = {}
     with _pool(workers) as pool:
@@ -97,7 +98,7 @@ def run_compare(
     pid_rows = [
         row
         for r in ordered
-        for row in layer_rows(r.get("pid", {}), run=f"{r['method']}_{r['teacher']}_seed{r['seed']}",
+        for row in layer_rows(r.get("pid", {}), run=_run_name(r["method"], r["teacher"], r["seed"]),
                               method=r["method"], teacher=r["teacher"], seed=r["seed"])
     ]  # fmt: skip
     if pid_rows:
@@ -134,8 +135,12 @@ def _seed_config(config: ExperimentConfig, out_dir: Path, seed: int, method: str
         config,
         distill={"method": method},
         teacher={"kind": config.compare.teachers[0] if kind == "none" else kind},
-        run={"seed": seed, "out_dir": str(out_dir / "runs" / f"{method}_{kind}_seed{seed}"), "progress": False},
+        run={"seed": seed, "out_dir": str(out_dir / "runs" / _run_name(method, kind, seed)), "progress": False},
     )
+
+
+def _run_name(method: str, kind: str, seed: int) -> str:
+    return f"{method}_{kind}_seed{seed}"
 
 
 def _teacher(config: ExperimentConfig, out_dir: Path, threads: int):
@@ -148,9 +153,9 @@ def _teacher(config: ExperimentConfig, out_dir: Path, threads: int):
     return dataset, data_split, teacher
 
 
-def _prepare_teacher(config: ExperimentConfig, out_dir: Path, seed: int, kind: str, threads: int) -> None:
-    """Train (and cache) the seed's teacher; untrained teachers are only seeded initialisations."""
-    _teacher(_seed_config(config, out_dir, seed, "teacher", kind), out_dir, threads)
+def _prepare_teacher(config: ExperimentConfig, out_dir: Path, seed: int, threads: int) -> None:
+    """Train (and cache) the seed's teacher, before any run needs it."""
+    _teacher(_seed_config(config, out_dir, seed, "teacher", "trained"), out_dir, threads)
 
 
 def _run_one(config: ExperimentConfig, out_dir: Path, seed: int, method: str, kind: str, threads: int) -> dict:
