@@ -280,19 +280,19 @@ class RIDLoss(nn.Module):
             for t, s in zip(teacher_shapes, student_shapes)
         )
 
-    def _redundancy(self, teacher_feats, student_feats, *, phase: str):
-        """Σ_k D_k and the per-layer estimates. In the filter phase only the teacher side carries
-        gradients (student side and estimator frozen); in the student phase only the student side."""
+    def _redundancy(self, teacher_sides, student_feats, *, phase: str):
+        """Σ_k D_k and the per-layer estimates from the filtered teacher features ``teacher_sides``.
+        In the filter phase only the teacher side carries gradients (student side and estimator
+        frozen); in the student phase only the student side."""
         total, logs = 0.0, {}
-        for k, (pair, t, s) in enumerate(zip(self.pairs, teacher_feats, student_feats)):
-            t_side = pair.teacher_side(t.detach())
+        for k, (pair, t_side, s) in enumerate(zip(self.pairs, teacher_sides, student_feats)):
             if phase == "filter":
                 with torch.no_grad():
                     s_side = pair.student_side(s)
                 with _frozen(pair.redundancy):
                     loss, estimate = pair.redundancy_loss(s_side, t_side)
             else:
-                loss, estimate = pair.redundancy_loss(pair.student_side(s), t_side.detach())
+                loss, estimate = pair.redundancy_loss(pair.student_side(s), t_side)
             total = total + loss
             logs[f"redundancy/{k}"] = estimate
         return total, logs
@@ -308,13 +308,14 @@ class RIDLoss(nn.Module):
         """(losses, logs) of the filter phase: Σ_k CE of the heads on the teacher filters, plus
         Σ_k D_k with the student side detached when ``include_redundancy``."""
         ce, logs = 0.0, {}
-        for k, (pair, t) in enumerate(zip(self.pairs, teacher_feats)):
-            logits = pair.head(pair.teacher_side(t.detach()))
+        teacher_sides = [pair.teacher_side(t.detach()) for pair, t in zip(self.pairs, teacher_feats)]
+        for k, (pair, t_side) in enumerate(zip(self.pairs, teacher_sides)):
+            logits = pair.head(t_side)
             ce = ce + F.cross_entropy(logits, labels)
             logs[f"filter_acc/{k}"] = (logits.argmax(1) == labels).float().mean().detach()
         losses = {"filter_ce": ce}
         if include_redundancy:
-            losses["redundancy"], redundancy_logs = self._redundancy(teacher_feats, student_feats, phase="filter")
+            losses["redundancy"], redundancy_logs = self._redundancy(teacher_sides, student_feats, phase="filter")
             logs.update(redundancy_logs)
         return losses, logs
 
@@ -323,7 +324,9 @@ class RIDLoss(nn.Module):
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(losses, logs) of the student phase: α Σ_k D_k with the teacher side fixed (the caller
         adds the student's own cross-entropy)."""
-        total, logs = self._redundancy(teacher_feats, student_feats, phase="student")
+        with torch.no_grad():  # the teacher side is a fixed target in this phase
+            teacher_sides = [pair.teacher_side(t) for pair, t in zip(self.pairs, teacher_feats)]
+        total, logs = self._redundancy(teacher_sides, student_feats, phase="student")
         return {"redundancy": self.alpha * total}, logs
 
     def filter_parameters(self) -> list[nn.Parameter]:
