@@ -74,6 +74,8 @@ __all__ = [
 LN2 = math.log(2.0)
 _TAU_MIN = 1e-14  # smallest barrier weight
 _Q_FLOOR = 1e-30  # smallest entry on the support
+_REFINE = 2  # steps of iterative refinement of each Newton direction
+_FEASIBLE = 1e-13  # largest marginal error of an iterate whose entropy counts as a lower bound
 _BACKTRACKS = 12  # step halvings before a distribution skips the step
 _STALL_STEPS = 8  # Newton steps without halving the duality gap before a distribution stops
 _RESTART_ABOVE = 1e-7  # nats: a stalled gap above this restarts the path (at most _RESTARTS times)
@@ -250,16 +252,37 @@ class _Newton:
     def solve(self, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The Newton direction Δ = K⁻¹(g − Aᵀν) with A Δ = −(A Q − b), for the system last
         factored: returns Δ (n, Y, T, S) and the multipliers λ (n, Y, T), μ (n, Y, S). The
-        residual A Q − b pulls rounding drift back onto the constraints."""
+        residual A Q − b pulls rounding drift back onto the constraints.
+
+        Δ satisfies the first equation by construction; the second only as accurately as the
+        reduced system is solved, which near the boundary (entries of M spanning many decades)
+        can be far from machine precision. One step of iterative refinement on A Δ + (A Q − b)
+        restores it: iterates must stay feasible for their entropy to be a certified bound.
+        """
+        q, w, c = self._state[:3]
+        lam, mu = self._multipliers(g, q.sum(3) - self.p_yt, q.sum(2) - self.p_ys)
+        direction = self._k_inverse(g - lam[..., None] - mu[:, :, None, :])
+        for _ in range(_REFINE):
+            res_t = direction.sum(3) + q.sum(3) - self.p_yt
+            res_s = direction.sum(2) + q.sum(2) - self.p_ys
+            d_lam, d_mu = self._multipliers(None, res_t, res_s)
+            direction = direction - self._k_inverse(d_lam[..., None] + d_mu[:, :, None, :])
+            lam, mu = lam + d_lam, mu + d_mu
+        return direction, lam, mu
+
+    def _k_inverse(self, v: Tensor) -> Tensor:
+        """K⁻¹ v = w·v + c·w·Σ_y w·v per (t, s) block."""
+        _, w, c = self._state[:3]
+        return w * v + w * (c * (w * v).sum(1, keepdim=True))
+
+    def _multipliers(self, g: Tensor | None, res_t: Tensor, res_s: Tensor) -> tuple[Tensor, Tensor]:
+        """ν = (λ, μ) solving M ν = A K⁻¹ g + res, where res = (res_t (n, Y, T), res_s (n, Y, S))."""
         q, w, c, d_t, d_s, l_inv, x, schur, factor, failed = self._state
         n, Y, T, S = q.shape
-
-        def k_inverse(v: Tensor) -> Tensor:
-            return w * v + w * (c * (w * v).sum(1, keepdim=True))
-
-        kg = k_inverse(g)
-        r_t = (kg.sum(3) + (q.sum(3) - self.p_yt)) * d_t  # (n, Y, T)
-        r_s = (kg.sum(2) + (q.sum(2) - self.p_ys)) * d_s  # (n, Y, S)
+        if g is not None:
+            kg = self._k_inverse(g)
+            res_t, res_s = res_t + kg.sum(3), res_s + kg.sum(2)
+        r_t, r_s = res_t * d_t, res_s * d_s  # scaled
         # (M_ss − XᵀX) ν_s = r_s − Xᵀ L⁻¹ r_t, then ν_t = L⁻ᵀ (L⁻¹ r_t − X ν_s).
         z_t = (l_inv @ r_t.transpose(1, 2)[..., None])[..., 0]  # (n, T, Y)
         rhs = r_s.reshape(n, Y * S, 1) - x.transpose(1, 2) @ z_t.reshape(n, T * Y, 1)
@@ -269,9 +292,7 @@ class _Newton:
         if failed.numel():  # left (numerically) indefinite by rounding: LU instead
             nu_s[failed] = torch.linalg.solve(schur[failed], rhs[failed])
         nu_t = (l_inv.transpose(2, 3) @ (z_t - (x @ nu_s).view(n, T, Y))[..., None])[..., 0]  # (n, T, Y)
-        lam = nu_t.transpose(1, 2) * d_t  # (n, Y, T), unscaled
-        mu = nu_s.view(n, Y, S) * d_s  # (n, Y, S)
-        return k_inverse(g - lam[..., None] - mu[:, :, None, :]), lam, mu
+        return nu_t.transpose(1, 2) * d_t, nu_s.view(n, Y, S) * d_s  # unscaled
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """A workspace reused across Newton steps: the (n, |Y||S|, ·) arrays are the largest the
@@ -290,9 +311,14 @@ class _Newton:
             q = q * torch.where(rows > 0, self.p_yt[..., None] / torch.where(rows > 0, rows, 1.0), 0.0)
             cols = q.sum(2, keepdim=True)
             q = q * torch.where(cols > 0, self.p_ys[:, :, None] / torch.where(cols > 0, cols, 1.0), 0.0)
-            if float((q.sum(3) - self.p_yt).abs().max()) <= 1e-15:
+            if float(self.violation(q).max()) <= 1e-15:
                 break
         return q
+
+    def violation(self, q: Tensor) -> Tensor:
+        """Largest deviation of Q's (y, t) and (y, s) marginals from P's, per distribution; (n,)."""
+        rows = (q.sum(3) - self.p_yt).abs().flatten(1).amax(1)
+        return torch.maximum(rows, (q.sum(2) - self.p_ys).abs().flatten(1).amax(1))
 
     # ---- the certificate ---------------------------------------------------------------------
     def dual_bound(self, lam: Tensor, mu: Tensor) -> Tensor:
@@ -354,7 +380,8 @@ def _solve(p: Tensor, tol: float, max_iter: int) -> PID:
         # later step to length 0), then make Q exactly feasible: its entropy is a certified
         # lower bound.
         solver.q = solver.project(torch.where(solver.support, solver.q.clamp_min(_Q_FLOOR), 0.0))
-        lower = torch.maximum(lower, _conditional_entropy(solver.q))
+        feasible = solver.violation(solver.q) <= _FEASIBLE  # only then is the entropy a bound
+        lower = torch.where(feasible, torch.maximum(lower, _conditional_entropy(solver.q)), lower)
         safe_q = torch.where(solver.support, solver.q, 1.0)
         barrier = torch.where(solver.support, tau[:, None, None, None] / safe_q, 0.0)  # τ/Q
         grad = solver.gradient(solver.q) + barrier
