@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -161,6 +162,28 @@ def _conditional_entropy(q: Tensor) -> Tensor:
     return -(_xlogy(q, q) - _xlogy(q, q_ts.expand_as(q))).flatten(1).sum(1)
 
 
+class _Factors(NamedTuple):
+    """What :meth:`_Newton.factorize` keeps for the solves (shapes for n distributions)."""
+
+    q: Tensor  # (n, Y, T, S) the iterate
+    w: Tensor  # (n, Y, T, S) and c (n, 1, T, S): K⁻¹ = diag(w) + c w wᵀ per (t, s) block
+    c: Tensor
+    d_t: Tensor  # (n, Y, T), (n, Y, S): the Jacobi scaling of the constraint rows
+    d_s: Tensor
+    e: Tensor  # (n, Y, T, S): the scaled M_ts = δ_yy' e + c·left·rightᵀ per (t, s)
+    left: Tensor
+    right: Tensor
+    l_inv: Tensor  # (n, T, Y, Y): M_tt = L Lᵀ per t
+    schur: Tensor  # (n, Y·S, Y·S) the dense reduced system and its Cholesky factor
+    factor: Tensor
+    failed: Tensor  # indices whose Cholesky failed (solved by LU)
+
+
+def _m_tt_solve(l_inv: Tensor, v: Tensor) -> Tensor:
+    """M_tt⁻¹ v = L⁻ᵀ(L⁻¹ v) per t: l_inv (n, T, Y, Y), v (n, Y, T) → (n, Y, T)."""
+    return (l_inv.mT @ (l_inv @ v.transpose(1, 2)[..., None]))[..., 0].transpose(1, 2)
+
+
 class _Newton:
     """One batch of BROJA problems and the linear algebra of their Newton steps, arranged so that
     |S| ≤ |T| (the problem is symmetric in T and S; the eliminated (y, t) block is then the
@@ -239,15 +262,28 @@ class _Newton:
         l_inv = torch.linalg.solve_triangular(l_tt, eye.expand(n, T, Y, Y), upper=False)  # (n, T, Y, Y)
         # X[t, y, y', s] = L⁻¹_t[y, y'] e[y', t, s] + h[t, y, s] r[y', t, s]: the diagonal part
         # e = d_t w d_s and the rank-one part h = c L⁻¹(d_t w), r = w d_s of M_ts.
-        e = (w * d_t[..., None] * d_s[:, :, None]).transpose(1, 2)  # (n, T, Y', S)
+        e = w * d_t[..., None] * d_s[:, :, None]  # (n, Y, T, S)
         h = (l_inv @ left) * c[:, :, None]  # (n, T, Y, S)
-        x = torch.mul(l_inv[..., None], e[:, :, None], out=self._buffer("x", (n, T, Y, Y, S), q))
+        x = torch.mul(l_inv[..., None], e.transpose(1, 2)[:, :, None], out=self._buffer("x", (n, T, Y, Y, S), q))
         x.addcmul_(h[:, :, :, None], right.permute(0, 3, 2, 1)[:, :, None])
         x = x.view(n, T * Y, Y * S)
         schur = torch.bmm(x.transpose(1, 2), x, out=self._buffer("schur", (n, Y * S, Y * S), q)).neg_()
         schur.view(n, Y, S, Y, S).diagonal(dim1=2, dim2=4).add_(m_ss.permute(0, 2, 3, 1))
         factor, info = torch.linalg.cholesky_ex(schur, out=(self._buffer("factor", schur.shape, q), self._info))
-        self._state = (q, w, c[:, None], d_t, d_s, l_inv, x, schur, factor, (info != 0).nonzero().flatten())
+        self._state = _Factors(
+            q=q,
+            w=w,
+            c=c[:, None],
+            d_t=d_t,
+            d_s=d_s,
+            e=e,
+            left=w * d_t[..., None],
+            right=w * d_s[:, :, None],
+            l_inv=l_inv,
+            schur=schur,
+            factor=factor,
+            failed=(info != 0).nonzero().flatten(),
+        )
 
     def solve(self, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The Newton direction Δ = K⁻¹(g − Aᵀν) with A Δ = −(A Q − b), for the system last
@@ -259,7 +295,7 @@ class _Newton:
         can be far from machine precision. One step of iterative refinement on A Δ + (A Q − b)
         restores it: iterates must stay feasible for their entropy to be a certified bound.
         """
-        q, w, c = self._state[:3]
+        q = self._state.q
         lam, mu = self._multipliers(g, q.sum(3) - self.p_yt, q.sum(2) - self.p_ys)
         direction = self._k_inverse(g - lam[..., None] - mu[:, :, None, :])
         for _ in range(_REFINE):
@@ -272,27 +308,43 @@ class _Newton:
 
     def _k_inverse(self, v: Tensor) -> Tensor:
         """K⁻¹ v = w·v + c·w·Σ_y w·v per (t, s) block."""
-        _, w, c = self._state[:3]
+        w, c = self._state.w, self._state.c
         return w * v + w * (c * (w * v).sum(1, keepdim=True))
 
     def _multipliers(self, g: Tensor | None, res_t: Tensor, res_s: Tensor) -> tuple[Tensor, Tensor]:
-        """ν = (λ, μ) solving M ν = A K⁻¹ g + res, where res = (res_t (n, Y, T), res_s (n, Y, S))."""
-        q, w, c, d_t, d_s, l_inv, x, schur, factor, failed = self._state
-        n, Y, T, S = q.shape
+        """ν = (λ, μ) solving M ν = A K⁻¹ g + res, where res = (res_t (n, Y, T), res_s (n, Y, S)).
+
+        (M_ss − M_tsᵀ M_tt⁻¹ M_ts) ν_s = r_s − M_tsᵀ M_tt⁻¹ r_t, then ν_t = M_tt⁻¹ (r_t − M_ts ν_s).
+        Products with M_ts use its diagonal-plus-rank-one blocks, O(|Y||T||S|) per distribution,
+        so a solve reads only the Cholesky factor of the dense system."""
+        f = self._state
+        n, Y, T, S = f.q.shape
         if g is not None:
             kg = self._k_inverse(g)
             res_t, res_s = res_t + kg.sum(3), res_s + kg.sum(2)
-        r_t, r_s = res_t * d_t, res_s * d_s  # scaled
-        # (M_ss − XᵀX) ν_s = r_s − Xᵀ L⁻¹ r_t, then ν_t = L⁻ᵀ (L⁻¹ r_t − X ν_s).
-        z_t = (l_inv @ r_t.transpose(1, 2)[..., None])[..., 0]  # (n, T, Y)
-        rhs = r_s.reshape(n, Y * S, 1) - x.transpose(1, 2) @ z_t.reshape(n, T * Y, 1)
+        r_t, r_s = res_t * f.d_t, res_s * f.d_s  # scaled
+        rhs = r_s - self._m_ts_transposed(_m_tt_solve(f.l_inv, r_t))
+        rhs = rhs.reshape(n, Y * S, 1)
         # Two triangular solves: faster than cholesky_solve for a batch of small systems.
-        nu_s = torch.linalg.solve_triangular(factor, rhs, upper=False)
-        nu_s = torch.linalg.solve_triangular(factor.mH, nu_s, upper=True)
-        if failed.numel():  # left (numerically) indefinite by rounding: LU instead
-            nu_s[failed] = torch.linalg.solve(schur[failed], rhs[failed])
-        nu_t = (l_inv.transpose(2, 3) @ (z_t - (x @ nu_s).view(n, T, Y))[..., None])[..., 0]  # (n, T, Y)
-        return nu_t.transpose(1, 2) * d_t, nu_s.view(n, Y, S) * d_s  # unscaled
+        nu_s = torch.linalg.solve_triangular(f.factor, rhs, upper=False)
+        nu_s = torch.linalg.solve_triangular(f.factor.mH, nu_s, upper=True)
+        if f.failed.numel():  # left (numerically) indefinite by rounding: LU instead
+            nu_s[f.failed] = torch.linalg.solve(f.schur[f.failed], rhs[f.failed])
+        nu_s = nu_s.view(n, Y, S)
+        nu_t = _m_tt_solve(f.l_inv, r_t - self._m_ts(nu_s))
+        return nu_t * f.d_t, nu_s * f.d_s  # unscaled
+
+    def _m_ts(self, v: Tensor) -> Tensor:
+        """M_ts v for v (n, Y, S): Σ_s e v + Σ_s c·left·(Σ_y' right·v); (n, Y, T)."""
+        f = self._state
+        v = v[:, :, None, :]
+        return (f.e * v).sum(3) + (f.c * f.left * (f.right * v).sum(1, keepdim=True)).sum(3)
+
+    def _m_ts_transposed(self, u: Tensor) -> Tensor:
+        """M_tsᵀ u for u (n, Y, T): Σ_t e u + Σ_t c·right·(Σ_y left·u); (n, Y, S)."""
+        f = self._state
+        u = u[..., None]
+        return (f.e * u).sum(2) + (f.c * f.right * (f.left * u).sum(1, keepdim=True)).sum(2)
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """A workspace reused across Newton steps: the (n, |Y||S|, ·) arrays are the largest the
