@@ -11,7 +11,8 @@ inputs).
 
 * ``"auto"`` — fused Triton kernels on CUDA tensors, the streaming path elsewhere;
 * ``"torch"`` — streaming PyTorch: blockwise, online log-sum-exp, recompute in backward;
-  memory O((B+N)·D + block²);
+  memory O((B+N)·D + block²) (one-sided InfoNCE under autograd: gradients computed in the
+  forward's sweep over strips of whole rows, O((B+N)·D + strip));
 * ``"triton"`` — fused Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
 * ``"reference"`` — plain PyTorch that materialises the B×N scores (the oracle, for tests).
 
@@ -65,6 +66,9 @@ def _infonce_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str, symmetri
     if symmetric:
         loss_rows, loss_cols = ops.cross_entropy_rows_cols(q, k, scale, backend)
         loss = 0.5 * (loss_rows + loss_cols)
+    elif backend == "torch" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or scale.requires_grad):
+        # Training on the streaming path: the gradients come from the forward's own sweep.
+        loss = ops.cross_entropy_rows_mean_with_grad(q, k, scale)[0]
     else:
         loss = ops.cross_entropy_rows(q, k, scale, backend)
     return math.log(k.shape[0]) - loss.mean()

@@ -24,6 +24,8 @@ op                     output                                                 es
 =====================  =====================================================  ================
 cross_entropy_rows     :math:`\log\sum_j e^{S_{ij}} - S_{ii}`                 InfoNCE
 cross_entropy_rows_cols  the above and its column twin (N = B)                symmetric InfoNCE
+cross_entropy_rows_mean_with_grad  the mean of the first, gradients computed     InfoNCE, training
+                       in the same sweep (``"torch"`` backend only)            (streaming path)
 lse_negatives          :math:`\log\sum_{j\ne i} e^{c(S_{ij})}` (clip c)        NWJ, DV, SMILE, MINE
 softplus_negatives     :math:`\sum_{j\ne i}\mathrm{softplus}(S_{ij})`          JS
 =====================  =====================================================  ================
@@ -37,7 +39,13 @@ import torch
 
 from rid_fast.streaming import compute_dtype
 
-__all__ = ["cross_entropy_rows", "cross_entropy_rows_cols", "lse_negatives", "softplus_negatives"]
+__all__ = [
+    "cross_entropy_rows",
+    "cross_entropy_rows_cols",
+    "cross_entropy_rows_mean_with_grad",
+    "lse_negatives",
+    "softplus_negatives",
+]
 
 
 def _backend(name: str) -> ModuleType:
@@ -122,3 +130,50 @@ cross_entropy_rows_cols = _define("cross_entropy_rows_cols", outputs=("rows", "c
 lse_negatives = _define("lse_negatives", outputs=("rows",), options=("float? clip",))
 #: Σ_{j≠i} softplus(S_ij), (B,).
 softplus_negatives = _define("softplus_negatives", outputs=("rows",), saves_outputs=False)
+
+
+def _define_mean_with_grad():
+    """``rid_fast::cross_entropy_rows_mean_with_grad``: (L, dq, dk, dσ) for the mean row
+    cross-entropy L, from :func:`rid_fast.streaming.cross_entropy_rows_mean_and_grad`. Only L is
+    differentiable; its backward scales the precomputed gradients by the incoming gradient."""
+
+    def impl(q, k, scale):
+        from rid_fast import streaming
+
+        return streaming.cross_entropy_rows_mean_and_grad(q, k, scale)
+
+    def fake(q, k, scale):
+        dtype = compute_dtype(q.dtype)
+        return (
+            q.new_empty((), dtype=dtype),
+            torch.empty_like(q, dtype=dtype),
+            torch.empty_like(k, dtype=dtype),
+            q.new_empty((), dtype=dtype),
+        )
+
+    op = torch.library.custom_op(
+        "rid_fast::cross_entropy_rows_mean_with_grad",
+        impl,
+        mutates_args=(),
+        schema="(Tensor q, Tensor k, Tensor scale) -> (Tensor, Tensor, Tensor, Tensor)",
+    )
+    op.register_fake(fake)
+
+    def setup_context(ctx, inputs, output):
+        _, dq, dk, d_scale = output
+        ctx.mark_non_differentiable(dq, dk, d_scale)
+        ctx.save_for_backward(dq, dk, d_scale)
+        ctx.dtypes = tuple(t.dtype for t in inputs)
+
+    def grad(ctx, grad_loss, *unused):
+        # Scale in the compute dtype, then round once to each input's dtype.
+        g = grad_loss.to(ctx.saved_tensors[0].dtype)
+        return tuple((g * d).to(dtype) for d, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+
+    torch.library.register_autograd("rid_fast::cross_entropy_rows_mean_with_grad", grad, setup_context=setup_context)
+    return op
+
+
+#: (L, dq, dk, dσ): L = mean_i c_i with its gradients from the same sweep — for training on the
+#: streaming path, where it saves one of four matrix products per tile.
+cross_entropy_rows_mean_with_grad = _define_mean_with_grad()

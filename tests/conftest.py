@@ -8,8 +8,10 @@ from rid_fast import streaming
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Stream in 16 × 32 tiles so that odd shapes span several tiles, ragged edges and diagonal offsets."""
+    """Stream in 16 × 32 tiles (and strips of 16 × 32 fp64 scores) so that odd shapes span several
+    tiles, ragged edges and diagonal offsets."""
     monkeypatch.setattr(streaming, "DEFAULT_BLOCK", (16, 32))
+    monkeypatch.setattr(streaming, "STRIP_BYTES", 16 * 32 * 8)
 
 
 @pytest.fixture

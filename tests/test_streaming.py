@@ -46,8 +46,17 @@ def direct_softplus_negatives(q, k, scale):
     return torch.logaddexp(s, torch.zeros_like(s)).masked_fill(_off_diagonal(s), 0).sum(1)
 
 
+def direct_cross_entropy_rows_mean(q, k, scale):
+    return direct_cross_entropy_rows(q, k, scale).mean()
+
+
 CASES = [
     ("cross_entropy_rows", lambda *a: ops.cross_entropy_rows(*a, "torch"), direct_cross_entropy_rows),
+    (
+        "cross_entropy_rows_mean_with_grad",
+        lambda *a: ops.cross_entropy_rows_mean_with_grad(*a)[0],
+        direct_cross_entropy_rows_mean,
+    ),
     ("cross_entropy_rows_cols", lambda *a: ops.cross_entropy_rows_cols(*a, "torch"), direct_cross_entropy_rows_cols),
     ("lse_negatives", lambda *a: ops.lse_negatives(*a, None, "torch"), direct_lse_negatives),
     ("lse_negatives_clip", lambda *a: ops.lse_negatives(*a, 1.5, "torch"), lambda *a: direct_lse_negatives(*a, 1.5)),
@@ -64,6 +73,7 @@ def _outputs(result):
 @pytest.mark.parametrize("name,fast,direct", CASES, ids=[c[0] for c in CASES])
 def test_op_matches_direct_formula(monkeypatch, tiles, shape, name, fast, direct):
     monkeypatch.setattr(streaming, "DEFAULT_BLOCK", tiles)
+    monkeypatch.setattr(streaming, "STRIP_BYTES", tiles[0] * tiles[1] * 8)  # fp64 strips of the tile's size
     n_queries, n_keys, dim = shape
     if name == "cross_entropy_rows_cols":
         n_keys = n_queries
@@ -102,6 +112,10 @@ def test_opcheck(name, fast, direct):
     q, k, scale = _inputs(9, 9, 4, dtype=torch.float32)
     op = {
         "cross_entropy_rows": (torch.ops.rid_fast.cross_entropy_rows.default, (q, k, scale, "torch")),
+        "cross_entropy_rows_mean_with_grad": (
+            torch.ops.rid_fast.cross_entropy_rows_mean_with_grad.default,
+            (q, k, scale),
+        ),
         "cross_entropy_rows_cols": (torch.ops.rid_fast.cross_entropy_rows_cols.default, (q, k, scale, "torch")),
         "lse_negatives": (torch.ops.rid_fast.lse_negatives.default, (q, k, scale, None, "torch")),
         "lse_negatives_clip": (torch.ops.rid_fast.lse_negatives.default, (q, k, scale, 1.5, "torch")),
@@ -134,6 +148,7 @@ class _LargestTensor(TorchDispatchMode):
 @pytest.mark.parametrize("name,fast,direct", CASES, ids=[c[0] for c in CASES])
 def test_never_materialises_the_score_matrix(monkeypatch, name, fast, direct):
     monkeypatch.setattr(streaming, "DEFAULT_BLOCK", (64, 64))
+    monkeypatch.setattr(streaming, "STRIP_BYTES", 64 * 64 * 4)
     inputs = _inputs(600, 600, 8, dtype=torch.float32)
     with _LargestTensor() as mode:
         result = _outputs(fast(*inputs))
