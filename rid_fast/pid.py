@@ -292,7 +292,7 @@ class _Newton:
 
         Δ satisfies the first equation by construction; the second only as accurately as the
         reduced system is solved, which near the boundary (entries of M spanning many decades)
-        can be far from machine precision. One step of iterative refinement on A Δ + (A Q − b)
+        can be far from machine precision. Iterative refinement on A Δ + (A Q − b)
         restores it: iterates must stay feasible for their entropy to be a certified bound.
         """
         q = self._state.q
