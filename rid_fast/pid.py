@@ -269,7 +269,10 @@ class _Newton:
         x = x.view(n, T * Y, Y * S)
         schur = torch.bmm(x.transpose(1, 2), x, out=self._buffer("schur", (n, Y * S, Y * S), q)).neg_()
         schur.view(n, Y, S, Y, S).diagonal(dim1=2, dim2=4).add_(m_ss.permute(0, 2, 3, 1))
-        factor, info = torch.linalg.cholesky_ex(schur, out=(self._buffer("factor", schur.shape, q), self._info))
+        # schur = Uᵀ U, factored through column-major views (the same matrix, as it is symmetric):
+        # LAPACK then needs no layout copy, about 40 % faster. ``factor`` holds L = Uᵀ, row-major.
+        factor = self._buffer("factor", schur.shape, q)
+        _, info = torch.linalg.cholesky_ex(schur.mT, upper=True, out=(factor.mT, self._info))
         self._state = _Factors(
             q=q,
             w=w,
@@ -301,6 +304,8 @@ class _Newton:
         for _ in range(_REFINE):
             res_t = direction.sum(3) + q.sum(3) - self.p_yt
             res_s = direction.sum(2) + q.sum(2) - self.p_ys
+            if max(float(res_t.abs().max()), float(res_s.abs().max())) <= _FEASIBLE / 100:
+                break
             d_lam, d_mu = self._multipliers(None, res_t, res_s)
             direction = direction - self._k_inverse(d_lam[..., None] + d_mu[:, :, None, :])
             lam, mu = lam + d_lam, mu + d_mu
