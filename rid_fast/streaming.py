@@ -152,6 +152,25 @@ def _finish_lse(running_max: torch.Tensor, running_sum: torch.Tensor) -> torch.T
     return running_max + running_sum.log()
 
 
+def _one_shift_range(dtype: torch.dtype) -> float:
+    r"""How far below a tile's maximum every row's and column's reference may lie for one shared
+    exponential of the tile to serve both its rows and its columns. Entries more than
+    :math:`|\log 	ext{tiny}|` below the shared shift are floored (see :func:`_exp_shifted_`); within
+    this range (0.7 of that) such entries are below :math:`e^{-0.3|\log	ext{tiny}|}` relative to their
+    row's or column's reference — under the dtype's resolution."""
+    return 0.7 * -math.log(torch.finfo(dtype).tiny)
+
+
+def _online_lse_fold_(
+    running_max: torch.Tensor, running_sum: torch.Tensor, tile_max: torch.Tensor, tile_sum: torch.Tensor, shift
+) -> None:
+    r"""Fold :math:`\sum e^{t - 	ext{shift}}` = ``tile_sum`` (with the tile's own maxima
+    ``tile_max``) into a running log-sum-exp (running max m, rescaled sum l)."""
+    new_max = torch.maximum(running_max, tile_max)
+    running_sum.mul_(torch.exp(running_max - new_max)).add_(tile_sum * torch.exp(shift - new_max))
+    running_max.copy_(new_max)
+
+
 def _backprop_tiles(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -318,10 +337,19 @@ def cross_entropy_rows_cols_forward(
     spare = torch.empty_like(tiles.buffer)
     row_max, row_sum = q_s.new_full((n,), -math.inf), q_s.new_zeros(n)
     col_max, col_sum = q_s.new_full((n,), -math.inf), q_s.new_zeros(n)
+    one_shift_range = _one_shift_range(q_s.dtype)
     for rows, cols, tile in tiles:
-        tile_copy = spare[: tile.shape[0], : tile.shape[1]].copy_(tile)
-        _online_lse_update_(tile, row_max[rows], row_sum[rows], dim=1)
-        _online_lse_update_(tile_copy, col_max[cols], col_sum[cols], dim=0)
+        tile_row_max, tile_col_max = tile.amax(1), tile.amax(0)
+        shift = tile_row_max.max()
+        if float(shift - torch.minimum(tile_row_max.min(), tile_col_max.min())) <= one_shift_range:
+            # One exponential for rows and columns: e^{S − shift}, summed both ways.
+            exp = _exp_shifted_(tile, shift)
+            _online_lse_fold_(row_max[rows], row_sum[rows], tile_row_max, exp.sum(1), shift)
+            _online_lse_fold_(col_max[cols], col_sum[cols], tile_col_max, exp.sum(0), shift)
+        else:  # rows or columns far below the tile's maximum: each side its own shift
+            tile_copy = spare[: tile.shape[0], : tile.shape[1]].copy_(tile)
+            _online_lse_update_(tile, row_max[rows], row_sum[rows], dim=1)
+            _online_lse_update_(tile_copy, col_max[cols], col_sum[cols], dim=0)
     positives = diagonal_scores(q, k, scale)
     return _finish_lse(row_max, row_sum) - positives, _finish_lse(col_max, col_sum) - positives
 
@@ -349,11 +377,22 @@ def cross_entropy_rows_cols_backward(
     diagonal_weight = row_weight.squeeze(1) + col_weight.squeeze(0)
     spare = q.new_empty(_block_shape(q.shape[0], k.shape[0], dtype), dtype=dtype)
 
+    one_shift_range = _one_shift_range(dtype)
+
     def make_weights_(tile: torch.Tensor, rows: slice, cols: slice) -> None:
-        tile_copy = spare[: tile.shape[0], : tile.shape[1]].copy_(tile)
-        _exp_shifted_(tile, row_shift[rows]).mul_(row_weight[rows])
-        _exp_shifted_(tile_copy, col_shift[:, cols]).mul_(col_weight[:, cols])
-        tile.add_(tile_copy)
+        spare_tile = spare[: tile.shape[0], : tile.shape[1]]
+        shift = tile.max()
+        lowest = torch.minimum(row_shift[rows].min(), col_shift[:, cols].min())
+        if float(shift - lowest) <= one_shift_range:
+            # W = e^{S − shift} ∘ (a_i e^{shift − lse_i} + b_j e^{shift − lse_j}): one exponential.
+            row_factor = row_weight[rows] * torch.exp(shift - row_shift[rows])
+            col_factor = col_weight[:, cols] * torch.exp(shift - col_shift[:, cols])
+            _exp_shifted_(tile, shift).mul_(torch.add(row_factor, col_factor, out=spare_tile))
+        else:  # rows or columns far below the tile's maximum: each side its own shift
+            spare_tile.copy_(tile)
+            _exp_shifted_(tile, row_shift[rows]).mul_(row_weight[rows])
+            _exp_shifted_(spare_tile, col_shift[:, cols]).mul_(col_weight[:, cols])
+            tile.add_(spare_tile)
         if (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
             first = max(rows.start, cols.start)
             diagonal.sub_(diagonal_weight[first : first + diagonal.numel()])
