@@ -155,8 +155,8 @@ def _finish_lse(running_max: torch.Tensor, running_sum: torch.Tensor) -> torch.T
 def _one_shift_range(dtype: torch.dtype) -> float:
     r"""How far below a tile's maximum every row's and column's reference may lie for one shared
     exponential of the tile to serve both its rows and its columns. Entries more than
-    :math:`|\log 	ext{tiny}|` below the shared shift are floored (see :func:`_exp_shifted_`); within
-    this range (0.7 of that) such entries are below :math:`e^{-0.3|\log	ext{tiny}|}` relative to their
+    :math:`|\log \text{tiny}|` below the shared shift are floored (see :func:`_exp_shifted_`); within
+    this range (0.7 of that) such entries are below :math:`e^{-0.3|\log\text{tiny}|}` relative to their
     row's or column's reference — under the dtype's resolution."""
     return 0.7 * -math.log(torch.finfo(dtype).tiny)
 
@@ -164,7 +164,7 @@ def _one_shift_range(dtype: torch.dtype) -> float:
 def _online_lse_fold_(
     running_max: torch.Tensor, running_sum: torch.Tensor, tile_max: torch.Tensor, tile_sum: torch.Tensor, shift
 ) -> None:
-    r"""Fold :math:`\sum e^{t - 	ext{shift}}` = ``tile_sum`` (with the tile's own maxima
+    r"""Fold :math:`\sum e^{t - \text{shift}}` = ``tile_sum`` (with the tile's own maxima
     ``tile_max``) into a running log-sum-exp (running max m, rescaled sum l)."""
     new_max = torch.maximum(running_max, tile_max)
     running_sum.mul_(torch.exp(running_max - new_max)).add_(tile_sum * torch.exp(shift - new_max))
@@ -274,18 +274,18 @@ def _strip_rows(n_rows: int, n_cols: int, dtype: torch.dtype) -> int:
 def cross_entropy_rows_mean_and_grad(
     q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""The mean row cross-entropy :math:`L = rac1B\sum_i c_i` and its gradients, in one sweep.
+    r"""The mean row cross-entropy :math:`L = \frac1B\sum_i c_i` and its gradients, in one sweep.
 
     Training needs both, and a forward pass followed by a recomputing backward costs four matrix
     products per tile (scores, scores again, :math:`dq`, :math:`dk`). Here each strip of rows
     holds its complete scores (at most :data:`STRIP_BYTES`), so its log-sum-exps are exact before
     the weights :math:`W = (P - I)/B` are needed, and three products suffice: the scores,
-    :math:`dq \mathrel{+}= \sigma W k`, :math:`dk \mathrel{+}= \sigma W^	op q`. The softmax
+    :math:`dq \mathrel{+}= \sigma W k`, :math:`dk \mathrel{+}= \sigma W^\top q`. The softmax
     normaliser :math:`1/Z_i` is folded into the two products' operands rather than written over the
     strip: the strip holds :math:`E_{ij} = e^{S_{ij} - m_i}` with :math:`E_{ii} - Z_i` on the
     diagonal, :math:`= Z_i\,(P - I)_{ij}`.
 
-    Memory :math:`O((B+N)\,D + 	ext{strip})` with the strip at most ``STRIP_BYTES``.
+    Memory :math:`O((B+N)\,D + \text{strip})` with the strip at most ``STRIP_BYTES``.
 
     Shapes: q (B, D), k (N, D), N ≥ B, scale () → (L (), dq (B, D), dk (N, D), dσ ()), all in the
     compute dtype (the caller scales the gradients by the incoming one before rounding them to the
