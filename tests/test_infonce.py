@@ -38,3 +38,22 @@ def test_module_matches_functional():
     estimator = InfoNCE(CosineCritic(temperature=0.2), symmetric=True)
     expected = functional.infonce(x, y, temperature=0.2, critic="cosine", symmetric=True)
     torch.testing.assert_close(estimator(x, y).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_training_takes_gradients_from_the_forward_sweep(monkeypatch):
+    """Under autograd the streaming path computes InfoNCE's gradients in its forward sweep (three
+    matrix products per tile, not four); without autograd it runs the plain forward only."""
+    from rid_fast import streaming
+
+    def unexpected(*args, **kwargs):
+        raise AssertionError("wrong streaming routine for this mode")
+
+    x, y = correlated_pair(37, 50, 8)
+    x.requires_grad_()
+    monkeypatch.setattr(streaming, "cross_entropy_rows_backward", unexpected)
+    functional.infonce(x, y, temperature=0.1, impl="torch").backward()
+    assert x.grad is not None
+    monkeypatch.setattr(streaming, "cross_entropy_rows_mean_and_grad", unexpected)
+    with torch.no_grad():
+        functional.infonce(x, y, temperature=0.1, impl="torch")
+    functional.infonce(x.detach(), y, temperature=0.1, impl="torch")
