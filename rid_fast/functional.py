@@ -43,7 +43,7 @@ from torch import Tensor
 from rid_fast import ops, reference
 from rid_fast.critics import CRITICS, critic_factors
 from rid_fast.dispatch import check_choice, check_pair, check_positive, check_temperature, resolve_impl
-from rid_fast.streaming import diagonal_scores
+from rid_fast.streaming import diagonal_scores, one_sweep_pays
 
 __all__ = ["ESTIMATORS", "infonce", "nwj", "dv", "smile", "js", "mi_bound"]
 
@@ -61,12 +61,19 @@ def log_mean_exp_negatives(q: Tensor, k: Tensor, scale: Tensor, backend: str, cl
     return total.to(row_lse.dtype)
 
 
+def _one_sweep(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> bool:
+    """Train InfoNCE with gradients from the forward's sweep (streaming backend, autograd on, and
+    a shape where that is faster)."""
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or scale.requires_grad)
+    return backend == "torch" and wants_grad and one_sweep_pays(q.shape[0], k.shape[0], q.dtype)
+
+
 def _infonce_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str, symmetric: bool = False) -> Tensor:
     # InfoNCE is minus the mean cross-entropy of each row against its diagonal target, plus log N.
     if symmetric:
         loss_rows, loss_cols = ops.cross_entropy_rows_cols(q, k, scale, backend)
         loss = 0.5 * (loss_rows + loss_cols)
-    elif backend == "torch" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or scale.requires_grad):
+    elif _one_sweep(q, k, scale, backend):
         # Training on the streaming path: the gradients come from the forward's own sweep.
         loss = ops.cross_entropy_rows_mean_with_grad(q, k, scale)[0]
     else:

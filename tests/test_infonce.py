@@ -42,7 +42,8 @@ def test_module_matches_functional():
 
 def test_training_takes_gradients_from_the_forward_sweep(monkeypatch):
     """Under autograd the streaming path computes InfoNCE's gradients in its forward sweep (three
-    matrix products per tile, not four); without autograd it runs the plain forward only."""
+    matrix products per tile, not four) when its strips are thick enough to pay; without autograd
+    it runs the plain forward only."""
     from rid_fast import streaming
 
     def unexpected(*args, **kwargs):
@@ -50,6 +51,7 @@ def test_training_takes_gradients_from_the_forward_sweep(monkeypatch):
 
     x, y = correlated_pair(37, 50, 8)
     x.requires_grad_()
+    backward = streaming.cross_entropy_rows_backward
     monkeypatch.setattr(streaming, "cross_entropy_rows_backward", unexpected)
     functional.infonce(x, y, temperature=0.1, impl="torch").backward()
     assert x.grad is not None
@@ -57,3 +59,7 @@ def test_training_takes_gradients_from_the_forward_sweep(monkeypatch):
     with torch.no_grad():
         functional.infonce(x, y, temperature=0.1, impl="torch")
     functional.infonce(x.detach(), y, temperature=0.1, impl="torch")
+    # Strips too thin to pay (here: a 2-row strip for 37 queries): forward + recomputing backward.
+    monkeypatch.setattr(streaming, "STRIP_BYTES", 2 * 50 * 4)
+    monkeypatch.setattr(streaming, "cross_entropy_rows_backward", backward)
+    functional.infonce(x, y, temperature=0.1, impl="torch").backward()
