@@ -12,7 +12,8 @@ inputs).
 * ``"auto"`` — fused Triton kernels on CUDA tensors, the streaming path elsewhere;
 * ``"torch"`` — streaming PyTorch: blockwise, online log-sum-exp, recompute in backward;
   memory O((B+N)·D + block²) (one-sided InfoNCE under autograd: gradients computed in the
-  forward's sweep over strips of whole rows, O((B+N)·D + strip));
+  forward's sweep over strips of whole rows, O((B+N)·D + strip), where the strips are thick
+  enough to pay — see :func:`rid_fast.streaming.one_sweep_pays`);
 * ``"triton"`` — fused Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
 * ``"reference"`` — plain PyTorch that materialises the B×N scores (the oracle, for tests).
 

@@ -23,7 +23,8 @@ Memory is :math:`O((B+N)\,D + \text{block}^2)`; the matrix multiplications domin
 Training InfoNCE needs the loss and its gradient together, and for its row cross-entropy the two can
 share one sweep (:func:`cross_entropy_rows_mean_and_grad`): strips of complete rows of ``S`` (at
 most :data:`STRIP_BYTES`) give exact log-sum-exps before the weights are needed, so three matrix
-products per tile replace the four of a forward followed by a recomputing backward.
+products per tile replace the four of a forward followed by a recomputing backward — where the
+strips hold enough rows for that to pay (:func:`one_sweep_pays`).
 
 Two details matter for speed on CPUs, both in :func:`_exp_shifted_`:
 
