@@ -213,12 +213,13 @@ class _Newton:
         return solver
 
     # ---- objective --------------------------------------------------------------------------
-    def barrier_objective(self, q: Tensor, tau: Tensor) -> Tensor:
-        """H_Q(Y|T,S) + τ Σ_support log Q; −inf if an entry of the support is not positive."""
+    def barrier_objective(self, q: Tensor, tau: Tensor, entropy: Tensor | None = None) -> Tensor:
+        """H_Q(Y|T,S) + τ Σ_support log Q; −inf if an entry of the support is not positive.
+        ``entropy``: H_Q(Y|T,S), when the caller has it already."""
         logs = torch.where(self.support, torch.log(torch.where(self.support, q, 1.0)), 0.0)
         bad = (self.support & (q <= 0)).flatten(1).any(1)
-        value = _conditional_entropy(q) + tau * logs.flatten(1).sum(1)
-        return torch.where(bad, -math.inf, value)
+        entropy = _conditional_entropy(q) if entropy is None else entropy
+        return torch.where(bad, -math.inf, entropy + tau * logs.flatten(1).sum(1))
 
     def gradient(self, q: Tensor) -> Tensor:
         """∇H_Q(Y|T,S) = −log Q(y|t,s) on the support, 0 elsewhere; (n, Y, T, S)."""
@@ -248,8 +249,10 @@ class _Newton:
         diag = w + c[:, None] * w * w  # diagonal of each K⁻¹_ts block
         d_t = torch.where(self.active_t, diag.sum(3).clamp_min(1e-300).rsqrt(), 0.0)  # (n, Y, T)
         d_s = torch.where(self.active_s, diag.sum(2).clamp_min(1e-300).rsqrt(), 0.0)  # (n, Y, S)
-        left = (w * d_t[..., None]).transpose(1, 2)  # (n, T, Y, S): the (y, t) rows, scaled
-        right = (w * d_s[:, :, None]).permute(0, 3, 1, 2)  # (n, S, Y, T): the (y, s) rows, scaled
+        rows_t = w * d_t[..., None]  # (n, Y, T, S): w on the (y, t) rows, scaled
+        rows_s = w * d_s[:, :, None]  # (n, Y, T, S): w on the (y, s) rows, scaled
+        left = rows_t.transpose(1, 2)  # (n, T, Y, S)
+        right = rows_s.permute(0, 3, 1, 2)  # (n, S, Y, T)
         ridge = 1e-13
         m_tt = (left * c[:, :, None]) @ left.transpose(2, 3)  # (n, T, Y, Y)
         m_tt.diagonal(dim1=2, dim2=3).add_((w.sum(3) * d_t * d_t + ~self.active_t + ridge).transpose(1, 2))
@@ -262,7 +265,7 @@ class _Newton:
         l_inv = torch.linalg.solve_triangular(l_tt, eye.expand(n, T, Y, Y), upper=False)  # (n, T, Y, Y)
         # X[t, y, y', s] = L⁻¹_t[y, y'] e[y', t, s] + h[t, y, s] r[y', t, s]: the diagonal part
         # e = d_t w d_s and the rank-one part h = c L⁻¹(d_t w), r = w d_s of M_ts.
-        e = w * d_t[..., None] * d_s[:, :, None]  # (n, Y, T, S)
+        e = rows_t * d_s[:, :, None]  # (n, Y, T, S)
         h = (l_inv @ left) * c[:, :, None]  # (n, T, Y, S)
         x = torch.mul(l_inv[..., None], e.transpose(1, 2)[:, :, None], out=self._buffer("x", (n, T, Y, Y, S), q))
         x.addcmul_(h[:, :, :, None], right.permute(0, 3, 2, 1)[:, :, None])
@@ -280,8 +283,8 @@ class _Newton:
             d_t=d_t,
             d_s=d_s,
             e=e,
-            left=w * d_t[..., None],
-            right=w * d_s[:, :, None],
+            left=rows_t,
+            right=rows_s,
             l_inv=l_inv,
             schur=schur,
             factor=factor,
@@ -438,7 +441,8 @@ def _solve(p: Tensor, tol: float, max_iter: int) -> PID:
         # lower bound.
         solver.q = solver.project(torch.where(solver.support, solver.q.clamp_min(_Q_FLOOR), 0.0))
         feasible = solver.violation(solver.q) <= _FEASIBLE  # only then is the entropy a bound
-        lower = torch.where(feasible, torch.maximum(lower, _conditional_entropy(solver.q)), lower)
+        entropy = _conditional_entropy(solver.q)
+        lower = torch.where(feasible, torch.maximum(lower, entropy), lower)
         safe_q = torch.where(solver.support, solver.q, 1.0)
         barrier = torch.where(solver.support, tau[:, None, None, None] / safe_q, 0.0)  # τ/Q
         grad = solver.gradient(solver.q) + barrier
@@ -469,7 +473,7 @@ def _solve(p: Tensor, tol: float, max_iter: int) -> PID:
         # Largest step keeping the support positive (fraction to the boundary), then backtracking.
         ratio = torch.where(direction < 0, -solver.q / torch.where(direction < 0, direction, -1.0), math.inf)
         alpha = torch.where(done, 0.0, (0.99 * ratio.flatten(1).amin(1)).clamp(max=1.0))
-        current = solver.barrier_objective(solver.q, tau)
+        current = solver.barrier_objective(solver.q, tau, entropy)
         for _ in range(_BACKTRACKS):
             trial = solver.q + alpha[:, None, None, None] * direction
             accept = solver.barrier_objective(trial, tau) >= current + 1e-4 * alpha * decrement - 1e-15 * current.abs()

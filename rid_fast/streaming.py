@@ -144,10 +144,9 @@ def _online_lse_update_(tile: torch.Tensor, running_max: torch.Tensor, running_s
     :math:`l \leftarrow l\,e^{m - m'} + \sum_{\text{dim}} e^{\text{tile} - m'}`, :math:`m \leftarrow m'`.
     ``m'`` is finite: every row's first tile has an unmasked entry (see :func:`_block_shape`).
     """
-    new_max = torch.maximum(running_max, tile.amax(dim))
-    running_sum.mul_(torch.exp(running_max - new_max))
-    running_sum.add_(_exp_shifted_(tile, new_max.unsqueeze(dim)).sum(dim))
-    running_max.copy_(new_max)
+    tile_max = tile.amax(dim)
+    shift = torch.maximum(running_max, tile_max)
+    _online_lse_fold_(running_max, running_sum, tile_max, _exp_shifted_(tile, shift.unsqueeze(dim)).sum(dim), shift)
 
 
 def _finish_lse(running_max: torch.Tensor, running_sum: torch.Tensor) -> torch.Tensor:
