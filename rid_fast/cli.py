@@ -147,8 +147,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_pid(args: argparse.Namespace) -> int:
     """PID of every distilled layer pair of a run (or of every run of a comparison)."""
-    from rid_fast.train.compare import pid_table
-    from rid_fast.train.measure import measure_folder
+    from rid_fast.train.measure import measure_folder, pid_table
 
     rows = measure_folder(args.run_dir)
     print(f"{'method':<14} {'teacher':<10} {'layer':>5} {'Red':>7} {'Uni_T':>7} {'I(Y;S)':>7}  (bits, seed mean)")

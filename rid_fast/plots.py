@@ -141,26 +141,25 @@ def plot_compare(out_dir: str | Path, table: list[dict]) -> list[Path]:
     return written
 
 
-def plot_pid(pid_rows: list[dict], path: str | Path) -> Path:
-    """Stacked bars of the PID atoms (Red, Uni_T, Uni_S, Syn; bits, mean over seeds) per method
-    and teacher, one panel per distilled layer pair."""
+def plot_pid(pid_means: list[dict], path: str | Path) -> Path:
+    """Stacked bars of the PID atoms (Red, Uni_T, Uni_S, Syn; bits) per method and teacher, one
+    panel per distilled layer pair; ``pid_means`` has one row per (method, teacher, layer), as
+    :func:`rid_fast.train.measure.pid_table` returns."""
     path = Path(path)
     plt = _pyplot()
     atoms = [("red", "Red(Y:T,S)"), ("uni_t", "Uni(Y:T\\S)"), ("uni_s", "Uni(Y:S\\T)"), ("syn", "Syn(Y:T,S)")]
-    cells: dict[tuple, list[dict]] = defaultdict(list)
-    for r in pid_rows:
-        cells[(r["layer"], f"{r['method']}\n{r['teacher']}")].append(r)
-    layers = sorted({layer for layer, _ in cells})
-    fig, axes = plt.subplots(1, len(layers), figsize=(max(5, 0.8 * len(cells) / len(layers) + 2) * len(layers), 4),
+    layers = sorted({r["layer"] for r in pid_means})
+    per_layer = max(sum(r["layer"] == layer for r in pid_means) for layer in layers)
+    fig, axes = plt.subplots(1, len(layers), figsize=(max(5, 0.8 * per_layer + 2) * len(layers), 4),
                              squeeze=False, sharey=True)  # fmt: skip
     for ax, layer in zip(axes[0], layers):
-        labels = [label for (k, label) in cells if k == layer]
-        bottom = [0.0] * len(labels)
+        cells = [r for r in pid_means if r["layer"] == layer]
+        bottom = [0.0] * len(cells)
         for key, name in atoms:
-            heights = [sum(r[key] for r in cells[(layer, label)]) / len(cells[(layer, label)]) for label in labels]
-            ax.bar(range(len(labels)), heights, 0.7, bottom=bottom, label=name)
+            heights = [r[key] for r in cells]
+            ax.bar(range(len(cells)), heights, 0.7, bottom=bottom, label=name)
             bottom = [b + h for b, h in zip(bottom, heights)]
-        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xticks(range(len(cells)), [f"{r['method']}\n{r['teacher']}" for r in cells], fontsize=7)
         ax.set(title=f"layer pair {layer}", ylabel="bits")
         ax.grid(axis="y", alpha=0.3)
     axes[0, -1].legend(fontsize=8)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from rid_fast.data import Dataset, load_dataset, split
 from rid_fast.train.config import ExperimentConfig
 from rid_fast.train.loop import Trainer, write_csv_atomic
-from rid_fast.train.measure import layer_rows
+from rid_fast.train.measure import layer_rows, pid_table
 from rid_fast.train.supervised import resolve_device
 from rid_fast.train.teachers import TEACHER_KINDS, make_teacher
 
@@ -212,25 +212,6 @@ def paired_differences(rows: list[dict]) -> list[dict]:
     return out
 
 
-def pid_table(pid_rows: list[dict]) -> list[dict]:
-    """Per (method, teacher, layer): mean Red(Y:T,S), Uni(Y:T\\S) and I(Y;S) over seeds, bits."""
-    cells: dict[tuple, list[dict]] = {}
-    for r in pid_rows:
-        cells.setdefault((r["method"], r["teacher"], r["layer"]), []).append(r)
-    mean = lambda members, key: sum(m[key] for m in members) / len(members)  # noqa: E731
-    return [
-        {
-            "method": m,
-            "teacher": t,
-            "layer": k,
-            "red": mean(v, "red"),
-            "uni_t": mean(v, "uni_t"),
-            "mi_s": mean(v, "mi_s"),
-        }
-        for (m, t, k), v in cells.items()
-    ]
-
-
 def write_report(rows: list[dict], out_dir: Path, pid_rows: list[dict] | None = None) -> None:
     """``report.md`` (the paired-difference table, and the PID table when measured) and the plots."""
     table = paired_differences(rows)
@@ -275,4 +256,4 @@ def write_report(rows: list[dict], out_dir: Path, pid_rows: list[dict] | None = 
 
     plot_compare(out_dir, table)
     if pid_rows:
-        plot_pid(pid_rows, out_dir / "pid.png")
+        plot_pid(pid_table(pid_rows), out_dir / "pid.png")

@@ -26,7 +26,7 @@ from rid_fast.train import checkpoint
 from rid_fast.train.config import load_config
 from rid_fast.train.loop import Trainer, write_csv_atomic
 
-__all__ = ["layer_pids", "layer_rows", "measure_run", "measure_folder", "read_pid_csv", "PID_FIELDS"]
+__all__ = ["layer_pids", "layer_rows", "measure_run", "measure_folder", "pid_table", "read_pid_csv", "PID_FIELDS"]
 
 PID_FIELDS = ("red", "uni_t", "uni_s", "syn", "mi_t", "mi_s", "gap")
 
@@ -81,7 +81,7 @@ def measure_folder(folder: str | Path) -> list[dict]:
         values = measure_run(run_dir, config)
         rows += layer_rows(values, run=run_dir.name, method=method, teacher=teacher, seed=config.run.seed)
     write_csv_atomic(rows, folder / "pid.csv")
-    plot_pid(rows, folder / "pid.png")
+    plot_pid(pid_table(rows), folder / "pid.png")
     return rows
 
 
@@ -92,6 +92,18 @@ def layer_rows(values: dict[str, float], **identity) -> list[dict]:
         _, layer, name = key.split("/")
         layers.setdefault(int(layer), {**identity, "layer": int(layer)})[name] = value
     return [layers[k] for k in sorted(layers)]
+
+
+def pid_table(pid_rows: list[dict]) -> list[dict]:
+    """Per (method, teacher, layer), in order of first appearance: the mean of each PID field
+    over seeds (bits)."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in pid_rows:
+        cells.setdefault((r["method"], r["teacher"], r["layer"]), []).append(r)
+    return [
+        {"method": m, "teacher": t, "layer": k, **{f: sum(r[f] for r in v) / len(v) for f in PID_FIELDS}}
+        for (m, t, k), v in cells.items()
+    ]
 
 
 def read_pid_csv(path: Path) -> list[dict]:
