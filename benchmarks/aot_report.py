@@ -15,6 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import triton
+
 from rid_fast.kernels import aot
 
 
