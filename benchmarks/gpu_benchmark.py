@@ -1,6 +1,6 @@
 """GPU benchmark: rid_fast's Triton kernels against what users would otherwise use.
 
-    python benchmarks/gpu_benchmark.py [--quick] [--out benchmarks/results]
+    python benchmarks/gpu_benchmark.py [--plan headline|sweep|all] [--budget-s S] [--out DIR]
 
 For each (estimator, B = N, D, dtype, direction) it times and measures peak memory of:
 
@@ -10,20 +10,40 @@ For each (estimator, B = N, D, dtype, direction) it times and measures peak memo
 * ``sdpa``     — InfoNCE through PyTorch's flash-attention log-sum-exp (head dim ≤ 256);
 * ``infcl``    — the Inf-CL kernel, when ``inf_cl`` is importable.
 
-Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs); peak
-memory is ``torch.cuda.max_memory_allocated`` above the inputs. A case that runs out of memory is
-recorded as ``oom``. Writes ``gpu_<device>.json``, ``.csv``, ``.md`` and a ``.png`` plot.
+Plans, most important first, so that a short session with a GPU measures what matters:
+
+* ``headline`` — the targets: one-sided InfoNCE at B = N = 65536, D = 128, bf16 (every impl
+  forward + backward, then forward but for ``compile``), symmetric InfoNCE and NWJ / DV / SMILE /
+  JS there (Triton), the B = N = 1,048,576 memory case, fp16 and fp32 inputs at 65536;
+* ``sweep``    — B from 4096 to 1,048,576, D = 128 and 512, every estimator and impl (the
+  materialising baselines only up to 131072);
+* ``all``      — headline, then the sweep's other cases.
+
+Cases run in that order until ``--budget-s`` has elapsed (the case under way finishes). Results are
+rewritten after every case — ``gpu_<device>.json``, ``.csv``, ``.md`` and, with matplotlib, a
+``.png`` — so a run cut short keeps what it measured. Timings are medians of
+``triton.testing.do_bench`` (CUDA events, L2 flushed between runs); peak memory is
+``torch.cuda.max_memory_allocated`` above the inputs; a case that runs out of memory is recorded
+as ``oom``, one that fails as ``error`` with its message. The Triton kernels are autotuned up to the
+headline size and run their default configs beyond it (the autotuner benchmarks every candidate at
+the launch's size: minutes at B = 1,048,576). ``--device cpu --scale 512`` is a dry run of the
+same plan at small sizes (wall-clock medians, no memory), which the tests use to check this script
+without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import triton
@@ -35,8 +55,13 @@ sys.path.insert(0, str(HERE))
 import baselines  # noqa: E402
 
 from rid_fast import bench, functional, reference  # noqa: E402
+from rid_fast.kernels import tuning  # noqa: E402
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ESTIMATORS = ["infonce", "infonce_symmetric", "nwj", "dv", "smile", "js"]
+IMPLS = ["triton", "reference", "compile", "sdpa", "infcl"]
+HEADLINE_B, HUGE_B = 65536, 1048576
+MATERIALISED_MAX_B = 131072  # the B×N baselines need B² scores: not beyond this
+COLUMNS = ("estimator", "B", "D", "dtype", "direction", "impl", "configs", "ms", "tflops", "peak_gb", "first_call_s")
 
 
 def _estimate_fn(impl: str, estimator: str):
@@ -54,19 +79,40 @@ def _estimate_fn(impl: str, estimator: str):
         return lambda x, y: baselines.sdpa_infonce(x, y, temperature=0.1)
     if impl == "infcl":
         return lambda x, y: baselines.infcl_infonce(x, y, temperature=0.1)
-    raise ValueError(impl)
+    raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
 
 
-def _applies(impl: str, estimator: str, dim: int) -> bool:
-    if impl in ("sdpa", "infcl"):
-        return estimator == "infonce" and (impl != "sdpa" or dim <= 256)
-    return True
+def applies(impl: str, estimator: str, batch: int, dim: int) -> bool:
+    """Whether ``impl`` computes ``estimator`` at this size (SDPA and Inf-CL: InfoNCE only; SDPA:
+    head dim ≤ 256; the materialising baselines: B ≤ 131072)."""
+    if impl in ("sdpa", "infcl") and (estimator != "infonce" or (impl == "sdpa" and dim > 256)):
+        return False
+    return not (impl in ("reference", "compile") and batch > MATERIALISED_MAX_B)
 
 
-def run_case(estimator: str, batch: int, dim: int, dtype: str, impl: str, backward: bool) -> dict:
+def _median_ms(step, device: str, slow: bool) -> float:
+    """Median of do_bench on CUDA; of three timed runs on CPU and for ``slow`` steps (do_bench
+    runs a step at least eight times: half a minute at B = 1,048,576)."""
+    if device == "cuda" and not slow:
+        return triton.testing.do_bench(step, warmup=5, rep=50, return_mode="median")
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def run_case(estimator: str, batch: int, dim: int, dtype: str, impl: str, backward: bool, device: str = "cuda") -> dict:
+    """One case's timing and peak memory (and, for Triton, whether its configs were autotuned)."""
     row = {"estimator": estimator, "B": batch, "D": dim, "dtype": dtype, "impl": impl,
            "direction": "fwd+bwd" if backward else "fwd"}  # fmt: skip
-    case = bench.Case(estimator, n_queries=batch, dim=dim, dtype=dtype, backward=backward, device="cuda")
+    case = bench.Case(estimator, n_queries=batch, dim=dim, dtype=dtype, backward=backward, device=device)
+    cuda = device == "cuda"
+    if impl == "triton":
+        row["configs"] = "autotuned" if tuning.autotune_enabled() else "default"
     try:
         x, y = bench.make_inputs(case)
         estimate = _estimate_fn(impl, estimator)
@@ -78,48 +124,79 @@ def run_case(estimator: str, batch: int, dim: int, dtype: str, impl: str, backwa
 
         start = time.perf_counter()
         step()  # first call: compilation, autotuning
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         row["first_call_s"] = round(time.perf_counter() - start, 3)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        row["peak_gb"] = round((torch.cuda.max_memory_allocated() - base) / 1e9, 3)
-        row["ms"] = round(triton.testing.do_bench(step, warmup=5, rep=50, return_mode="median"), 3)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            row["peak_gb"] = round((torch.cuda.max_memory_allocated() - base) / 1e9, 3)
+        row["ms"] = round(_median_ms(step, device, slow=row["first_call_s"] > 1.0 and batch > HEADLINE_B), 3)
         row["tflops"] = round(case.flops / (row["ms"] * 1e-3) / 1e12, 1)
     except torch.cuda.OutOfMemoryError:
         row["ms"] = "oom"
+    except Exception as error:  # one broken case must not cost the rest of a scarce GPU session
+        row["ms"] = "error"
+        row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
     finally:
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     return row
 
 
-def _cases(quick: bool, impls: list[str]):
-    estimators = ["infonce", "infonce_symmetric", "nwj", "dv", "smile", "js"]
-    batches = [4096, 16384, 65536] if quick else [4096, 16384, 65536, 262144, 1048576]
-    for estimator in estimators:
+def headline_cases(impls: list[str]):
+    """The issue's targets, in order of importance."""
+    b = HEADLINE_B
+    for impl in impls:
+        if applies(impl, "infonce", b, 128):
+            yield "infonce", b, 128, "bfloat16", impl, True
+    for impl in impls:  # forward alone: compiling a second graph costs more than it tells
+        if impl != "compile" and applies(impl, "infonce", b, 128):
+            yield "infonce", b, 128, "bfloat16", impl, False
+    if "triton" in impls:
+        for estimator in ESTIMATORS[1:]:
+            for backward in (True, False):
+                yield estimator, b, 128, "bfloat16", "triton", backward
+        yield "infonce", HUGE_B, 128, "bfloat16", "triton", True
+    for dtype in ("float16", "float32"):
+        for impl in ("triton", "reference"):
+            if impl in impls:
+                yield "infonce", b, 128, dtype, impl, True
+
+
+def sweep_cases(impls: list[str]):
+    for estimator in ESTIMATORS:
         for dim in (128, 512):
-            for batch in batches:
-                for backward in (False, True):
+            for batch in (4096, 16384, 65536, 262144, HUGE_B):
+                # Beyond the headline size, only one-sided InfoNCE sweeps every B.
+                if estimator != "infonce" and batch > HEADLINE_B:
+                    continue
+                for backward in (True, False):
                     for impl in impls:
-                        if not _applies(impl, estimator, dim):
-                            continue
-                        # The materialising baselines need B² scores: skip them where they cannot fit.
-                        if impl in ("reference", "compile") and batch > 131072:
-                            continue
-                        # Beyond the headline sizes, only one-sided InfoNCE sweeps every B.
-                        if estimator != "infonce" and batch > 65536:
-                            continue
-                        yield estimator, batch, dim, "bfloat16", impl, backward
-    for dtype in ("float16", "float32"):  # other input dtypes at the headline shape
-        for impl in impls:
-            if _applies(impl, "infonce", 128):
-                yield "infonce", 65536, 128, dtype, impl, True
+                        if applies(impl, estimator, batch, dim):
+                            yield estimator, batch, dim, "bfloat16", impl, backward
 
 
-def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+def plan_cases(plan: str, impls: list[str]):
+    """The cases of ``plan`` in run order, each once."""
+    if plan not in ("headline", "sweep", "all"):
+        raise ValueError(f"plan must be 'headline', 'sweep' or 'all'; got {plan!r}")
+    parts = {"headline": [headline_cases], "sweep": [sweep_cases], "all": [headline_cases, sweep_cases]}[plan]
+    seen = set()
+    for part in parts:
+        for case in part(impls):
+            if case not in seen:
+                seen.add(case)
+                yield case
 
+
+def _plot(rows: list[dict], path: Path, device_name: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # the GPU image may lack it: the JSON has everything to plot later
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -133,58 +210,84 @@ def _plot(rows: list[dict], path: Path) -> None:
         if points:
             ax.plot(*zip(*points), marker="o", label=impl)
     ax.set(xscale="log", yscale="log", xlabel="B = N", ylabel="ms (forward + backward)",
-           title=f"InfoNCE, D = 128, bf16 — {torch.cuda.get_device_name()}")  # fmt: skip
+           title=f"InfoNCE, D = 128, bf16 — {device_name}")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="B up to 65536 only")
-    parser.add_argument("--impl", nargs="+", default=["triton", "reference", "compile", "sdpa", "infcl"])
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to benchmark", file=sys.stderr)
-        return 1
-    impls = list(args.impl)
-    try:
-        import inf_cl  # noqa: F401
-    except ImportError:
-        impls = [i for i in impls if i != "infcl"]
-        print("inf_cl is not installed: Inf-CL left out", file=sys.stderr)
-    else:
-        if not torch.distributed.is_initialized():  # cal_inf_loss reads the process group
-            torch.distributed.init_process_group("nccl", init_method="tcp://127.0.0.1:29512", rank=0, world_size=1)
-
-    rows = []
-    for case in _cases(args.quick, impls):
-        row = run_case(*case)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    device = torch.cuda.get_device_name()
-    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}  # fmt: skip
-    stem = "gpu_" + "".join(c if c.isalnum() else "_" for c in device).strip("_").lower()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    fields = ["estimator", "B", "D", "dtype", "direction", "impl", "ms", "tflops", "peak_gb", "first_call_s"]
-    with open(args.out / f"{stem}.csv", "w", newline="") as handle:
+def write_results(rows: list[dict], meta: dict, out: Path, stem: str) -> None:
+    """JSON, CSV and a Markdown table of ``rows`` (and a PNG where matplotlib is installed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    fields = [*COLUMNS, "error"]
+    with open(out / f"{stem}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# GPU benchmark — {device}", "", ", ".join(f"{k} {v}" for k, v in meta.items()), "",
-             "| estimator | B | D | dtype | direction | impl | ms | TFLOP/s | peak GB |",
-             "|---|---:|---:|---|---|---|---:|---:|---:|"]  # fmt: skip
-    for r in rows:
-        lines.append(f"| {r['estimator']} | {r['B']} | {r['D']} | {r['dtype']} | {r['direction']} | {r['impl']} | "
-                     f"{r['ms']} | {r.get('tflops', '')} | {r.get('peak_gb', '')} |")  # fmt: skip
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    _plot(rows, args.out / f"{stem}.png")
-    print(f"wrote {args.out / stem}.* (TFLOP/s count 2·B·N·D forward, 8·B·N·D forward + backward)")
+    lines = [f"# GPU benchmark — {meta['device']}", "", ", ".join(f"{k} {v}" for k, v in meta.items()), "",
+             "TFLOP/s count 2·B·N·D (forward) and 8·B·N·D (forward + backward); peak GB above the inputs.", "",
+             "| estimator | B | D | dtype | direction | impl | configs | ms | TFLOP/s | peak GB | first call s |",
+             "|---|---:|---:|---|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, out / f"{stem}.png", meta["device"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", default="all", choices=["headline", "sweep", "all"])
+    parser.add_argument("--impl", nargs="+", default=IMPLS, choices=IMPLS)
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no case after this many seconds")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the plan")
+    parser.add_argument("--scale", type=int, default=1, help="divide every B by this (dry runs)")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="rewrite the tables and plot of a saved run")
+    args = parser.parse_args(argv)
+    if args.replot:  # e.g. where matplotlib is installed, for a run from a GPU image without it
+        saved = json.loads(args.replot.read_text())
+        write_results(saved["rows"], saved["meta"], args.replot.parent, args.replot.stem)
+        return 0
+    started = time.perf_counter()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: nothing to benchmark (--device cpu for a dry run)", file=sys.stderr)
+        return 1
+    impls = list(args.impl)
+    if "infcl" in impls:
+        try:
+            import inf_cl  # noqa: F401
+        except ImportError:
+            impls.remove("infcl")
+            print("inf_cl is not installed: Inf-CL left out", file=sys.stderr)
+        else:
+            if not torch.distributed.is_initialized():  # cal_inf_loss reads the process group
+                torch.distributed.init_process_group("nccl", init_method="tcp://127.0.0.1:29512", rank=0, world_size=1)
+    if args.device == "cpu":  # the Triton kernels run on CPU tensors only under the interpreter
+        if not tuning.interpreting():
+            impls = [i for i in impls if i != "triton"]
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    meta = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "plan": args.plan}  # fmt: skip
+    if args.scale != 1:
+        meta["scale"] = f"B divided by {args.scale}"
+    stem = "gpu_" + "".join(c if c.isalnum() else "_" for c in device_name).strip("_").lower()
+
+    rows = []
+    for estimator, batch, dim, dtype, impl, backward in plan_cases(args.plan, impls):
+        if time.perf_counter() - started > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: stopping before {estimator} B={batch}", file=sys.stderr)
+            break
+        # Autotuning benchmarks every candidate at the launch's own size: seconds per config beyond
+        # the headline size, so there the default configs run.
+        with contextlib.nullcontext() if batch <= HEADLINE_B else mock.patch.dict(os.environ, RID_FAST_AUTOTUNE="0"):
+            row = run_case(estimator, max(batch // args.scale, 1), dim, dtype, impl, backward, args.device)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_results(rows, meta, args.out, stem)
+    print(f"wrote {args.out / stem}.* ({len(rows)} cases, {time.perf_counter() - started:.0f} s)")
     return 0
 
 

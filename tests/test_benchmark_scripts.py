@@ -1,0 +1,94 @@
+"""The GPU and PID benchmark scripts run end to end here (dry runs on CPU), so that a session with a
+scarce GPU does not find their bugs."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_benchmark = _load("gpu_benchmark")
+pid_benchmark = _load("pid_benchmark")
+
+
+def test_headline_plan_measures_the_targets_first():
+    cases = list(gpu_benchmark.plan_cases("all", gpu_benchmark.IMPLS))
+    assert cases[0] == ("infonce", 65536, 128, "bfloat16", "triton", True)
+    assert len(cases) == len(set(cases))
+    headline = list(gpu_benchmark.plan_cases("headline", gpu_benchmark.IMPLS))
+    assert cases[: len(headline)] == headline
+    assert ("infonce", 1048576, 128, "bfloat16", "triton", True) in headline
+    for estimator in ("infonce_symmetric", "nwj", "dv", "smile", "js"):
+        assert (estimator, 65536, 128, "bfloat16", "triton", True) in headline
+    every_impl = len(gpu_benchmark.IMPLS)
+    assert {case[4] for case in headline[:every_impl]} == set(gpu_benchmark.IMPLS)  # all at the headline shape
+    for estimator, batch, dim, _, impl, _ in cases:
+        assert gpu_benchmark.applies(impl, estimator, batch, dim)
+    assert not any(impl == "sdpa" and estimator != "infonce" for estimator, *_, impl, _ in cases)
+    assert max(case[1] for case in cases if case[4] in ("reference", "compile")) <= gpu_benchmark.MATERIALISED_MAX_B
+
+
+def test_unknown_plan_is_refused():
+    with pytest.raises(ValueError, match="plan must be"):
+        list(gpu_benchmark.plan_cases("everything", gpu_benchmark.IMPLS))
+
+
+def test_gpu_benchmark_dry_run_writes_every_case(tmp_path):
+    code = gpu_benchmark.main(
+        [
+            "--device",
+            "cpu",
+            "--scale",
+            "4096",
+            "--plan",
+            "headline",
+            "--impl",
+            "reference",
+            "sdpa",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    rows = json.loads((tmp_path / "gpu_cpu.json").read_text())["rows"]
+    expected = list(gpu_benchmark.plan_cases("headline", ["reference", "sdpa"]))
+    assert [(r["estimator"], r["dtype"], r["impl"], r["direction"] == "fwd+bwd") for r in rows] == [
+        (estimator, dtype, impl, backward) for estimator, _, _, dtype, impl, backward in expected
+    ]
+    assert all(isinstance(r["ms"], float) and r["ms"] > 0 for r in rows), rows
+    table = (tmp_path / "gpu_cpu.md").read_text()
+    assert table.count("\n| infonce |") == len(rows)
+    (tmp_path / "gpu_cpu.md").unlink()
+    assert gpu_benchmark.main(["--replot", str(tmp_path / "gpu_cpu.json")]) == 0
+    assert (tmp_path / "gpu_cpu.md").read_text() == table
+
+
+def test_gpu_benchmark_budget_stops_before_the_next_case(tmp_path, capsys):
+    code = gpu_benchmark.main(["--device", "cpu", "--scale", "4096", "--impl", "reference", "--budget-s", "0",
+                               "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    assert "budget of 0 s spent" in capsys.readouterr().err
+    assert not (tmp_path / "gpu_cpu.json").exists()
+
+
+def test_a_failing_case_is_recorded_not_raised():
+    row = gpu_benchmark.run_case("infonce", 16, 8, "float32", "no_such_impl", True, device="cpu")
+    assert row["ms"] == "error" and "impl must be one of" in row["error"]
+
+
+def test_pid_benchmark_without_cvxpy(tmp_path):
+    pid_benchmark.main(["--n", "2", "--cvxpy-sample", "0", "--device", "cpu", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "pid_cpu.json").read_text())["rows"]
+    assert [tuple(r["shape"]) for r in rows] == pid_benchmark.SHAPES
+    assert all(r["max_gap_bits"] <= 1e-6 and "speedup" not in r for r in rows)
+    assert "cvxpy" not in (tmp_path / "pid_cpu.md").read_text()
