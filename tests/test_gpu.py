@@ -1,35 +1,64 @@
 """GPU tier: the fused kernels on CUDA (skipped without a GPU).
 
 bf16, fp16 and fp32 on large and ragged shapes against a float64 truth from the same rounded
-inputs (error ≤ 2× the eager reference's error in the same dtype, see estimator_checks),
-torch.compile of a model using the ops, bitwise determinism, and both launch paths (autotuned and
-default configs).
+inputs (error ≤ 2× the eager reference's error in the same dtype, see estimator_checks), every
+config the autotuner may pick (each forced in turn), torch.compile of a model using the ops,
+bitwise determinism with and without autotuning, and the PID solver on the GPU.
+
+The accuracy sweep runs the default configs (autotuning each of its shapes would cost minutes of a
+short GPU session); ``test_every_candidate_config`` covers what the autotuner can choose instead.
 """
 
 import pytest
 import torch
 from estimator_checks import KERNEL_ESTIMATORS, assert_matches_reference, correlated_pair
 
-from rid_fast import functional
+from rid_fast import functional, pid
+from rid_fast.kernels import tuning
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 SHAPES = [(4096, 4096, 128), (2000, 3001, 200), (1031, 1031, 64), (517, 700, 512)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def _critic(name: str, dim: int) -> str:
+    return "cosine" if dim % 2 == 0 and name != "smile" else "dot"  # as in the interpreter tier
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("label", list(KERNEL_ESTIMATORS))
-def test_matches_reference(label, shape, dtype):
+def test_matches_reference(monkeypatch, label, shape, dtype):
+    monkeypatch.setenv("RID_FAST_AUTOTUNE", "0")
     name, temperature, options = KERNEL_ESTIMATORS[label]
     n_queries, n_keys, dim = shape
     if options.get("symmetric"):
         n_keys = n_queries
     x, y = correlated_pair(n_queries, n_keys, dim)
-    critic = "cosine" if dim % 2 == 0 and name != "smile" else "dot"  # as in the interpreter tier
     assert_matches_reference(
-        name, x, y, temperature=temperature, critic=critic, impl="triton", dtype=dtype, device="cuda", **options
-    )
+        name, x, y, temperature=temperature, critic=_critic(name, dim), impl="triton", dtype=dtype, device="cuda",
+        **options,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["16bit", "fp32"])
+@pytest.mark.parametrize("label", ["infonce_symmetric", "smile", "js"])
+def test_every_candidate_config(monkeypatch, label, dtype):
+    """Each candidate of each kernel, forced as the launch config, on a ragged shape: whatever the
+    autotuner picks computes the right thing. The symmetric InfoNCE runs every kernel with column
+    statistics, SMILE the clipped exponential, JS the softplus reduction."""
+    monkeypatch.setenv("RID_FAST_AUTOTUNE", "0")
+    name, temperature, options = KERNEL_ESTIMATORS[label]
+    candidates = {kernel: tuning.candidate_configs(kernel, dtype) for kernel in tuning.KERNELS}
+    x, y = correlated_pair(1031, 1031 if options.get("symmetric") else 1500, 200)
+    for i in range(max(len(c) for c in candidates.values())):
+        chosen = {kernel: configs[i % len(configs)] for kernel, configs in candidates.items()}
+        monkeypatch.setattr(tuning, "default_config", lambda kernel, _dtype, chosen=chosen: chosen[kernel])
+        assert_matches_reference(
+            name, x, y, temperature=temperature, critic=_critic(name, 200), impl="triton", dtype=dtype, device="cuda",
+            **options,
+        )  # fmt: skip
 
 
 def test_auto_picks_triton_on_cuda():
@@ -76,3 +105,15 @@ def test_autocast_runs_the_kernels_in_bf16():
     value.backward()
     assert value.dtype == torch.float32 and x.grad.dtype == torch.float32
     torch.testing.assert_close(value, functional.infonce(x.detach().bfloat16(), y.bfloat16()), rtol=0, atol=0)
+
+
+def test_pid_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    p = torch.distributions.Dirichlet(torch.full((10 * 8 * 8,), 0.3, dtype=torch.float64)).sample((64,))
+    p = p.reshape(64, 10, 8, 8)
+    on_gpu, on_cpu = pid.broja_batch(p.cuda()), pid.broja_batch(p)
+    assert on_gpu.red.is_cuda
+    assert float(on_gpu.gap.max()) <= 1e-6
+    for field in ("red", "uni_t", "uni_s", "syn"):
+        gap = (on_gpu.gap.cpu() + on_cpu.gap) + 1e-9
+        assert bool(((getattr(on_gpu, field).cpu() - getattr(on_cpu, field)).abs() <= gap).all()), field
