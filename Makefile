@@ -3,13 +3,14 @@
 #   make test   set up and run the test suite (what CI runs)
 #   make bench  set up and run the CPU benchmarks (writes benchmarks/results/)
 #   make lint   ruff
+#   make gpu-wheels  wheels a bare GPU image may lack (see benchmarks/gpu_session.sh)
 
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test test-cpu test-interpret bench lint clean
+.PHONY: setup demo test test-cpu test-interpret bench lint clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,12 @@ test-interpret: setup
 
 bench: setup
 	$(PY) benchmarks/run_cpu.py
+
+# The GPU image (Python 3.12, torch, triton; no network) may lack the test runner: its wheels
+# travel with the device call (carry .gpu_wheels).
+gpu-wheels: setup
+	$(PIP) download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+		--implementation cp -d .gpu_wheels pytest numpy "setuptools>=64"
 
 lint: setup
 	$(VENV)/bin/ruff check rid_fast kernels tests benchmarks

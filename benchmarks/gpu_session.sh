@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Everything a session with a GPU measures, in one device call: most important first, each step
+# time-boxed, every result written as it comes, so a call cut short still returns what it measured.
+#
+#   here (CPU machine, once):  make gpu-wheels        # pytest & numpy wheels for a bare GPU image
+#   device call:               bash benchmarks/gpu_session.sh   (carry: .gpu_wheels, timeout 600)
+#
+# Steps (seconds of the ${BUDGET:-540} s budget):
+#   1. environment and install (pip install --no-deps -e ., test dependencies from .gpu_wheels)
+#   2. the headline benchmark: the issue's targets               (until 300 s before the end)
+#   3. the GPU test tier, pytest -m gpu in four parallel shards  (≤ 200 s)
+#   4. PID solver throughput on the GPU, n = 256 and 4096         (≤ 60 s)
+#   5. the benchmark sweep                                        (what is left)
+# Results: $OUT (the device tool's return folder), else benchmarks/results/gpu-session/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu-session}
+BUDGET=${BUDGET:-540}
+mkdir -p "$OUT"
+start=$(date +%s)
+elapsed() { echo $(($(date +%s) - start)); }
+left() { echo $((BUDGET - $(elapsed))); }
+step() { echo "== [$(elapsed) s] $*" | tee -a "$OUT/session.log"; }
+
+step "environment"
+{
+    nvidia-smi
+    python - <<'EOF'
+import platform, torch, triton
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| triton", triton.__version__, "|", torch.cuda.get_device_name())
+EOF
+} > "$OUT/environment.txt" 2>&1
+tail -1 "$OUT/environment.txt"
+
+step "install"
+# Offline: build isolation may find setuptools only among the carried wheels, or not at all.
+export PIP_FIND_LINKS="$PWD/.gpu_wheels"
+{ pip install --no-deps -e . || pip install --no-deps --no-build-isolation -e .; } > "$OUT/install.txt" 2>&1 ||
+    { cat "$OUT/install.txt"; exit 1; }
+for module in numpy pytest; do
+    python -c "import $module" 2>/dev/null ||
+        pip install --no-index --find-links .gpu_wheels "$module" >> "$OUT/install.txt" 2>&1 ||
+        echo "$module is missing and not in .gpu_wheels (make gpu-wheels)"
+done
+
+step "headline benchmark"
+headline_s=$(($(left) - 300))
+timeout $((headline_s > 60 ? headline_s : 60)) python benchmarks/gpu_benchmark.py --plan headline --out "$OUT" \
+    > "$OUT/headline.log" 2>&1
+echo "exit $?" >> "$OUT/headline.log"
+tail -3 "$OUT/headline.log"
+
+# Four pytest processes side by side: the tier's time is mostly Triton compiling kernels, one CPU
+# core per process; the tests check values, so sharing the GPU does not matter.
+step "GPU test tier"
+shards=("infonce" "nwj or dv" "smile or js" "not (infonce or nwj or dv or smile or js)")
+for i in "${!shards[@]}"; do
+    timeout 200 python -m pytest tests/test_gpu.py -m gpu -k "${shards[$i]}" -q -p no:cacheprovider -rfE \
+        --junitxml "$OUT/gpu_tests_$i.xml" > "$OUT/gpu_tests_$i.txt" 2>&1 &
+done
+wait
+for i in "${!shards[@]}"; do echo "shard $i (${shards[$i]}): $(tail -1 "$OUT/gpu_tests_$i.txt")"; done
+
+step "PID on the GPU"
+timeout 60 python benchmarks/pid_benchmark.py --device cuda --n 256 4096 --cvxpy-sample 0 --out "$OUT" \
+    > "$OUT/pid.log" 2>&1
+echo "exit $?" >> "$OUT/pid.log"
+cat "$OUT/pid.log"
+
+step "benchmark sweep"
+if [ "$(left)" -gt 30 ]; then
+    timeout $(($(left) - 10)) python benchmarks/gpu_benchmark.py --plan sweep --budget-s $(($(left) - 40)) \
+        --out "$OUT/sweep" > "$OUT/sweep.log" 2>&1
+    echo "exit $?" >> "$OUT/sweep.log"
+fi
+step "done"
