@@ -143,3 +143,23 @@ KERNEL_ESTIMATORS = {
     "smile": ("smile", EXP_TEMPERATURE, {"clip": 1.0}),
     "js": ("js", EXP_TEMPERATURE, {}),
 }
+
+
+def assert_every_candidate_config_matches(monkeypatch, label: str, shape, *, dtype, device: str) -> None:
+    """Each autotuner candidate of each kernel, forced as the launch config in turn (kernels with
+    fewer candidates cycle through theirs), meets the accuracy contract for estimator ``label`` on
+    ``shape`` (B, N, D): whatever the autotuner picks computes the right thing."""
+    from rid_fast.kernels import tuning
+
+    monkeypatch.setenv("RID_FAST_AUTOTUNE", "0")
+    name, temperature, options = KERNEL_ESTIMATORS[label]
+    n_queries, n_keys, dim = shape
+    candidates = {kernel: tuning.candidate_configs(kernel, dtype) for kernel in tuning.KERNELS}
+    x, y = correlated_pair(n_queries, n_queries if options.get("symmetric") else n_keys, dim)
+    critic = "cosine" if name != "smile" else "dot"
+    for i in range(max(len(configs) for configs in candidates.values())):
+        chosen = {kernel: configs[i % len(configs)] for kernel, configs in candidates.items()}
+        monkeypatch.setattr(tuning, "default_config", lambda kernel, _dtype, chosen=chosen: chosen[kernel])
+        assert_matches_reference(
+            name, x, y, temperature=temperature, critic=critic, impl="triton", dtype=dtype, device=device, **options
+        )

@@ -11,10 +11,14 @@ short GPU session); ``test_every_candidate_config`` covers what the autotuner ca
 
 import pytest
 import torch
-from estimator_checks import KERNEL_ESTIMATORS, assert_matches_reference, correlated_pair
+from estimator_checks import (
+    KERNEL_ESTIMATORS,
+    assert_every_candidate_config_matches,
+    assert_matches_reference,
+    correlated_pair,
+)
 
 from rid_fast import functional, pid
-from rid_fast.kernels import tuning
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -45,20 +49,9 @@ def test_matches_reference(monkeypatch, label, shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["16bit", "fp32"])
 @pytest.mark.parametrize("label", ["infonce_symmetric", "smile", "js"])
 def test_every_candidate_config(monkeypatch, label, dtype):
-    """Each candidate of each kernel, forced as the launch config, on a ragged shape: whatever the
-    autotuner picks computes the right thing. The symmetric InfoNCE runs every kernel with column
-    statistics, SMILE the clipped exponential, JS the softplus reduction."""
-    monkeypatch.setenv("RID_FAST_AUTOTUNE", "0")
-    name, temperature, options = KERNEL_ESTIMATORS[label]
-    candidates = {kernel: tuning.candidate_configs(kernel, dtype) for kernel in tuning.KERNELS}
-    x, y = correlated_pair(1031, 1031 if options.get("symmetric") else 1500, 200)
-    for i in range(max(len(c) for c in candidates.values())):
-        chosen = {kernel: configs[i % len(configs)] for kernel, configs in candidates.items()}
-        monkeypatch.setattr(tuning, "default_config", lambda kernel, _dtype, chosen=chosen: chosen[kernel])
-        assert_matches_reference(
-            name, x, y, temperature=temperature, critic=_critic(name, 200), impl="triton", dtype=dtype, device="cuda",
-            **options,
-        )  # fmt: skip
+    """The symmetric InfoNCE runs every kernel with column statistics, SMILE the clipped
+    exponential, JS the softplus reduction."""
+    assert_every_candidate_config_matches(monkeypatch, label, (1031, 1500, 200), dtype=dtype, device="cuda")
 
 
 def test_auto_picks_triton_on_cuda():

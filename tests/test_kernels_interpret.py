@@ -10,7 +10,12 @@ import os
 
 import pytest
 import torch
-from estimator_checks import KERNEL_ESTIMATORS, assert_matches_reference, correlated_pair
+from estimator_checks import (
+    KERNEL_ESTIMATORS,
+    assert_every_candidate_config_matches,
+    assert_matches_reference,
+    correlated_pair,
+)
 
 from rid_fast import functional
 
@@ -58,6 +63,14 @@ def _cases():
 def test_matches_reference(name, temperature, options, n_queries, n_keys, dim, critic, dtype):
     x, y = correlated_pair(n_queries, n_keys, dim)
     assert_matches_reference(name, x, y, temperature=temperature, critic=critic, impl="triton", dtype=dtype, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["16bit", "fp32"])
+@pytest.mark.parametrize("label", ["infonce_symmetric", "smile", "js"])
+def test_every_gpu_candidate_config(monkeypatch, label, dtype):
+    """The GPU's tiles (64–128 rows and columns), which the 16 × 16 interpreter default never runs:
+    a shape with two ragged row tiles of the largest and a feature dimension split in chunks (fp32)."""
+    assert_every_candidate_config_matches(monkeypatch, label, (150, 170, 40), dtype=dtype, device="cpu")
 
 
 def test_auto_stays_on_streaming_for_cpu_tensors():
