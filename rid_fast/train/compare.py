@@ -165,7 +165,7 @@ def _run_one(config: ExperimentConfig, out_dir: Path, seed: int, method: str, ki
     final = trainer.train()
     row = {"method": method, "teacher": kind, "seed": seed, "test_acc": round(final["test_acc"], 4)}
     if config.compare.pid:  # on the test set, like the accuracy
-        row["pid"] = trainer.measure_pid(*trainer._tensors(None))
+        row["pid"] = trainer.measure_pid()
     return row
 
 

@@ -192,9 +192,13 @@ class Trainer:
         chunks = [self.distiller.teacher_outputs(x_train[i : i + 512]) for i in range(0, len(x_train), 512)]
         return torch.cat([c[0] for c in chunks]), [torch.cat([c[1][k] for c in chunks]) for k in range(len(feats))]
 
-    def measure_pid(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """PID of every distilled layer pair on ``(x, y)`` (see :mod:`rid_fast.train.measure`)."""
+    def measure_pid(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> dict[str, float]:
+        """PID of every distilled layer pair on ``(x, y)``, the test set by default (see
+        :mod:`rid_fast.train.measure`)."""
         from rid_fast.train.measure import layer_pids
+
+        if x is None or y is None:
+            x, y = self._tensors(None)
 
         if not self.config.distill.teacher_layers:
             return {}

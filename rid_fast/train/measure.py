@@ -63,7 +63,7 @@ def measure_run(run_dir: str | Path, config=None, *, checkpoint_name: str = "lat
     teacher = build_model(config.teacher.model, dataset.input_shape, dataset.num_classes)
     trainer = Trainer(config, dataset=dataset, teacher=teacher)
     trainer.distiller.load_state_dict(state["distiller"])
-    return trainer.measure_pid(*trainer._tensors(None))
+    return trainer.measure_pid()
 
 
 def measure_folder(folder: str | Path) -> list[dict]:
