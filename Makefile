@@ -45,11 +45,12 @@ test-interpret: setup
 bench: setup
 	$(PY) benchmarks/run_cpu.py
 
-# The GPU image (Python 3.12, torch, triton; no network) may lack the test runner: its wheels
-# travel with the device call (carry .gpu_wheels).
+# The GPU image (Python 3.12, torch, triton; no network) may lack the test runner, and has no
+# Inf-CL (the benchmark's baseline): their wheels travel with the device call (carry .gpu_wheels).
 gpu-wheels: setup
 	$(PIP) download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 		--implementation cp -d .gpu_wheels pytest numpy "setuptools>=64"
+	$(PIP) download --no-deps -d .gpu_wheels inf-cl
 
 lint: setup
 	$(VENV)/bin/ruff check rid_fast kernels tests benchmarks

@@ -93,7 +93,14 @@ def sdpa_infonce(x: torch.Tensor, y: torch.Tensor, *, temperature: float = 0.1) 
 
 
 def infcl_infonce(x: torch.Tensor, y: torch.Tensor, *, temperature: float = 0.1) -> torch.Tensor:
-    """One-sided InfoNCE (nats) through Inf-CL's ``cal_inf_loss`` (mean cross-entropy)."""
-    from inf_cl import cal_inf_loss
+    """One-sided InfoNCE (nats) through Inf-CL's single-device kernel ``cal_flash_loss`` (per-row
+    cross-entropy; its multi-GPU ring, ``cal_inf_loss``, falls back to the same kernel when no process
+    group is initialised). Inf-CL upcasts q and k to fp32 itself and splits D into heads of at most
+    256 features whose scores add up to the full dot product. CUDA only (its kernels use inline PTX)."""
+    from inf_cl import cal_flash_loss
 
-    return math.log(y.shape[0]) - cal_inf_loss(x, y, scale=torch.tensor(1.0 / temperature, device=x.device))
+    dim = x.shape[1]
+    head_dim = dim if dim <= 256 else 256
+    if dim % head_dim:
+        raise ValueError(f"Inf-CL needs D ≤ 256 or a multiple of 256; got D = {dim}")
+    return math.log(y.shape[0]) - cal_flash_loss(x, y, scale=1.0 / temperature, head_dim=head_dim).mean()

@@ -8,7 +8,8 @@ For each (estimator, B = N, D, dtype, direction) it times and measures peak memo
 * ``reference``— eager PyTorch that materialises the B×N scores;
 * ``compile``  — ``torch.compile`` of the reference (compile time excluded, reported separately);
 * ``sdpa``     — InfoNCE through PyTorch's flash-attention log-sum-exp (head dim ≤ 256);
-* ``infcl``    — the Inf-CL kernel, when ``inf_cl`` is importable.
+* ``infcl``    — Inf-CL's single-device kernel, when ``inf_cl`` is importable (it computes in
+  fp32 whatever the input dtype).
 
 Plans, most important first, so that a short session with a GPU measures what matters:
 
@@ -262,9 +263,6 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             impls.remove("infcl")
             print("inf_cl is not installed: Inf-CL left out", file=sys.stderr)
-        else:
-            if not torch.distributed.is_initialized():  # cal_inf_loss reads the process group
-                torch.distributed.init_process_group("nccl", init_method="tcp://127.0.0.1:29512", rank=0, world_size=1)
     if args.device == "cpu":  # the Triton kernels run on CPU tensors only under the interpreter
         if not tuning.interpreting():
             impls = [i for i in impls if i != "triton"]

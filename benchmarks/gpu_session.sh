@@ -38,9 +38,9 @@ step "install"
 export PIP_FIND_LINKS="$PWD/.gpu_wheels"
 { pip install --no-deps -e . || pip install --no-deps --no-build-isolation -e .; } > "$OUT/install.txt" 2>&1 ||
     { cat "$OUT/install.txt"; exit 1; }
-for module in numpy pytest; do
+for module in numpy pytest inf_cl; do
     python -c "import $module" 2>/dev/null ||
-        pip install --no-index --find-links .gpu_wheels "$module" >> "$OUT/install.txt" 2>&1 ||
+        pip install --no-index --find-links .gpu_wheels "${module/_/-}" >> "$OUT/install.txt" 2>&1 ||
         echo "$module is missing and not in .gpu_wheels (make gpu-wheels)"
 done
 
