@@ -161,8 +161,8 @@ def headline_cases(impls: list[str]):
             for backward in (True, False):
                 yield estimator, b, 128, "bfloat16", "triton", backward
         yield "infonce", HUGE_B, 128, "bfloat16", "triton", True
-    for dtype in ("float16", "float32"):
-        for impl in ("triton", "reference"):
+    for dtype in ("float16", "float32"):  # Inf-CL computes in fp32 whatever its inputs: compare there too
+        for impl in ("triton", "reference", "infcl"):
             if impl in impls:
                 yield "infonce", b, 128, dtype, impl, True
 
