@@ -15,6 +15,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-session}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 BUDGET=${BUDGET:-540}
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -25,7 +26,7 @@ step() { echo "== [$(elapsed) s] $*" | tee -a "$OUT/session.log"; }
 step "environment"
 {
     nvidia-smi
-    python - <<'EOF'
+    "$PY" - <<'EOF'
 import platform, torch, triton
 print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
       "| triton", triton.__version__, "|", torch.cuda.get_device_name())
@@ -36,17 +37,17 @@ tail -1 "$OUT/environment.txt"
 step "install"
 # Offline: build isolation may find setuptools only among the carried wheels, or not at all.
 export PIP_FIND_LINKS="$PWD/.gpu_wheels"
-{ pip install --no-deps -e . || pip install --no-deps --no-build-isolation -e .; } > "$OUT/install.txt" 2>&1 ||
+{ "$PY" -m pip install --no-deps -e . || "$PY" -m pip install --no-deps --no-build-isolation -e .; } > "$OUT/install.txt" 2>&1 ||
     { cat "$OUT/install.txt"; exit 1; }
 for module in numpy pytest inf_cl; do
-    python -c "import $module" 2>/dev/null ||
-        pip install --no-index --find-links .gpu_wheels "${module/_/-}" >> "$OUT/install.txt" 2>&1 ||
+    "$PY" -c "import $module" 2>/dev/null ||
+        "$PY" -m pip install --no-index --find-links .gpu_wheels "${module/_/-}" >> "$OUT/install.txt" 2>&1 ||
         echo "$module is missing and not in .gpu_wheels (make gpu-wheels)"
 done
 
 step "headline benchmark"
 headline_s=$(($(left) - 300))
-timeout $((headline_s > 60 ? headline_s : 60)) python benchmarks/gpu_benchmark.py --plan headline --out "$OUT" \
+timeout $((headline_s > 60 ? headline_s : 60)) "$PY" benchmarks/gpu_benchmark.py --plan headline --out "$OUT" \
     > "$OUT/headline.log" 2>&1
 echo "exit $?" >> "$OUT/headline.log"
 tail -3 "$OUT/headline.log"
@@ -56,21 +57,21 @@ tail -3 "$OUT/headline.log"
 step "GPU test tier"
 shards=("infonce" "nwj or dv" "smile or js" "not (infonce or nwj or dv or smile or js)")
 for i in "${!shards[@]}"; do
-    timeout 200 python -m pytest tests/test_gpu.py -m gpu -k "${shards[$i]}" -q -p no:cacheprovider -rfE \
+    timeout 200 "$PY" -m pytest tests/test_gpu.py -m gpu -k "${shards[$i]}" -q -p no:cacheprovider -rfE \
         --junitxml "$OUT/gpu_tests_$i.xml" > "$OUT/gpu_tests_$i.txt" 2>&1 &
 done
 wait
 for i in "${!shards[@]}"; do echo "shard $i (${shards[$i]}): $(tail -1 "$OUT/gpu_tests_$i.txt")"; done
 
 step "PID on the GPU"
-timeout 60 python benchmarks/pid_benchmark.py --device cuda --n 256 4096 --cvxpy-sample 0 --out "$OUT" \
+timeout 60 "$PY" benchmarks/pid_benchmark.py --device cuda --n 256 4096 --cvxpy-sample 0 --out "$OUT" \
     > "$OUT/pid.log" 2>&1
 echo "exit $?" >> "$OUT/pid.log"
 cat "$OUT/pid.log"
 
 step "benchmark sweep"
 if [ "$(left)" -gt 30 ]; then
-    timeout $(($(left) - 10)) python benchmarks/gpu_benchmark.py --plan sweep --budget-s $(($(left) - 40)) \
+    timeout $(($(left) - 10)) "$PY" benchmarks/gpu_benchmark.py --plan sweep --budget-s $(($(left) - 40)) \
         --out "$OUT/sweep" > "$OUT/sweep.log" 2>&1
     echo "exit $?" >> "$OUT/sweep.log"
 fi
