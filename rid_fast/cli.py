@@ -147,12 +147,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_pid(args: argparse.Namespace) -> int:
     """PID of every distilled layer pair of a run (or of every run of a comparison)."""
-    from rid_fast.train.measure import measure_folder, pid_table
+    from rid_fast.train.measure import format_spread, measure_folder, pid_table
 
     rows = measure_folder(args.run_dir)
-    print(f"{'method':<14} {'teacher':<10} {'layer':>5} {'Red':>7} {'Uni_T':>7} {'I(Y;S)':>7}  (bits, seed mean)")
+    header = " ".join(f"{name:>15}" for name in ("Red", "Uni_T", "I(Y;S)"))
+    print(f"{'method':<14} {'teacher':<10} {'layer':>5} {header}  (bits, seed mean ± sd)")
     for r in pid_table(rows):
-        cells = f"{r['red']:>7.3f} {r['uni_t']:>7.3f} {r['mi_s']:>7.3f}"
+        cells = " ".join(f"{format_spread(r[f], r[f + '_sd']):>15}" for f in ("red", "uni_t", "mi_s"))
         print(f"{r['method']:<14} {r['teacher']:<10} {r['layer']:>5} {cells}")
     print(f"wrote {Path(args.run_dir) / 'pid.csv'} and {Path(args.run_dir) / 'pid.png'}")
     return 0

@@ -1,6 +1,7 @@
 """The trainer: config loading and errors, checkpoints and exact resume, compare end to end."""
 
 import csv
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from rid_fast.train import checkpoint, compare
 from rid_fast.train.compare import paired_differences, run_compare
 from rid_fast.train.config import load_config
 from rid_fast.train.loop import Trainer
-from rid_fast.train.measure import read_pid_csv
+from rid_fast.train.measure import PID_FIELDS, format_spread, pid_table, read_pid_csv
 
 TINY = [
     "data.per_class=6",
@@ -177,3 +178,16 @@ def test_compare_in_parallel_matches_one_process(tmp_path, monkeypatch):
     parallel = run_compare(config, tmp_path / "parallel", seeds=2, workers=2)
     monkeypatch.setattr(compare.os, "cpu_count", lambda: 1)
     assert run_compare(config, tmp_path / "inline", seeds=2, workers=1) == parallel
+
+
+def test_pid_table_means_and_spreads_over_seeds():
+    def row(method, seed, red, layer=0):
+        return {"method": method, "teacher": "trained", "seed": seed, "layer": layer,
+                **{field: 0.0 for field in PID_FIELDS}, "red": red}  # fmt: skip
+
+    table = pid_table([row("rid", 0, 1.0), row("vid", 0, 2.0), row("rid", 1, 3.0), row("rid", 0, 5.0, layer=1)])
+    assert [(r["method"], r["layer"], r["seeds"]) for r in table] == [("rid", 0, 2), ("vid", 0, 1), ("rid", 1, 1)]
+    assert table[0]["red"] == 2.0 and table[0]["red_sd"] == pytest.approx(math.sqrt(2.0))
+    assert math.isnan(table[1]["red_sd"])  # one seed: no spread
+    assert format_spread(table[0]["red"], table[0]["red_sd"]) == "2.000 ± 1.414"
+    assert format_spread(table[1]["red"], table[1]["red_sd"]) == "2.000"

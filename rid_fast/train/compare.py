@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from rid_fast.data import Dataset, load_dataset, split
 from rid_fast.train.config import ExperimentConfig
 from rid_fast.train.loop import Trainer, write_csv_atomic
-from rid_fast.train.measure import layer_rows, pid_table
+from rid_fast.train.measure import format_spread, layer_rows, pid_table
 from rid_fast.train.supervised import resolve_device
 from rid_fast.train.teachers import TEACHER_KINDS, make_teacher
 
@@ -242,13 +242,16 @@ def write_report(rows: list[dict], out_dir: Path, pid_rows: list[dict] | None = 
             "",
             "Red = Red(Y:T,S), the label information the student shares with the teacher; Uni_T = Uni(Y:T\\S),",
             "what the teacher knows that the student does not; I(Y;S) = all the student's layer holds.",
-            "Representations are discretised (PCA, k-means) before BROJA; means over seeds.",
+            "Representations are discretised (PCA, k-means) before BROJA; mean ± standard deviation over seeds",
+            "(a difference between methods smaller than the spread is not one the measurement shows).",
             "",
             "| method | teacher | layer | Red | Uni_T | I(Y;S) |",
             "|---|---|---:|---:|---:|---:|",
         ]
         lines += [
-            f"| {r['method']} | {r['teacher']} | {r['layer']} | {r['red']:.3f} | {r['uni_t']:.3f} | {r['mi_s']:.3f} |"
+            f"| {r['method']} | {r['teacher']} | {r['layer']} | "
+            + " | ".join(format_spread(r[f], r[f"{f}_sd"]) for f in ("red", "uni_t", "mi_s"))
+            + " |"
             for r in pid_table(pid_rows)
         ]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")

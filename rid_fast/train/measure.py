@@ -13,6 +13,8 @@ comparison folder and writes ``pid.csv`` and ``pid.png``.
 from __future__ import annotations
 
 import csv
+import math
+import statistics
 from pathlib import Path
 
 import torch
@@ -26,7 +28,16 @@ from rid_fast.train import checkpoint
 from rid_fast.train.config import load_config
 from rid_fast.train.loop import Trainer, write_csv_atomic
 
-__all__ = ["layer_pids", "layer_rows", "measure_run", "measure_folder", "pid_table", "read_pid_csv", "PID_FIELDS"]
+__all__ = [
+    "layer_pids",
+    "layer_rows",
+    "measure_run",
+    "measure_folder",
+    "pid_table",
+    "format_spread",
+    "read_pid_csv",
+    "PID_FIELDS",
+]
 
 PID_FIELDS = ("red", "uni_t", "uni_s", "syn", "mi_t", "mi_s", "gap")
 
@@ -96,14 +107,25 @@ def layer_rows(values: dict[str, float], **identity) -> list[dict]:
 
 def pid_table(pid_rows: list[dict]) -> list[dict]:
     """Per (method, teacher, layer), in order of first appearance: the mean of each PID field
-    over seeds (bits)."""
+    over seeds (bits), its standard deviation over seeds (``<field>_sd``; NaN with one seed) and
+    the number of seeds."""
     cells: dict[tuple, list[dict]] = {}
     for r in pid_rows:
         cells.setdefault((r["method"], r["teacher"], r["layer"]), []).append(r)
-    return [
-        {"method": m, "teacher": t, "layer": k, **{f: sum(r[f] for r in v) / len(v) for f in PID_FIELDS}}
-        for (m, t, k), v in cells.items()
-    ]
+    table = []
+    for (method, teacher, layer), members in cells.items():
+        row = {"method": method, "teacher": teacher, "layer": layer, "seeds": len(members)}
+        for field in PID_FIELDS:
+            values = [m[field] for m in members]
+            row[field] = statistics.fmean(values)
+            row[f"{field}_sd"] = statistics.stdev(values) if len(values) > 1 else math.nan
+        table.append(row)
+    return table
+
+
+def format_spread(mean: float, sd: float) -> str:
+    """``mean ± sd`` (bits), or the mean alone when there is no spread to show."""
+    return f"{mean:.3f}" if math.isnan(sd) else f"{mean:.3f} ± {sd:.3f}"
 
 
 def read_pid_csv(path: Path) -> list[dict]:
