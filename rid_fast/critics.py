@@ -2,8 +2,8 @@ r"""Critics: the functions :math:`s_{ij} = f(x_i, y_j)` the estimators score pai
 
 A critic is *separable* when its score matrix factors as :math:`S = q k^\top` with ``q`` computed
 from ``x`` alone and ``k`` from ``y`` alone (dot, cosine, bilinear). The fast paths consume the
-factors and never build ``S``; the pairwise MLP (:class:`ConcatCritic`) is not separable and
-materialises ``S`` (reference path only).
+factors and never build ``S``; the pairwise MLP (:class:`ConcatCritic`) is not separable: the
+estimators take its ``S`` (reference formulas), built a block of rows at a time.
 
 Example::
 
@@ -149,11 +149,53 @@ class BilinearCritic(Critic, _TemperatureMixin):
         return q, y, inverse_temperature(self.temperature, q)
 
 
+#: Elements of one (rows, N, H) block of the pairwise MLP's hidden layer (64 MiB in fp32): the
+#: score matrix is built, and differentiated, a block of rows at a time.
+PAIRWISE_BLOCK_ELEMENTS = 1 << 24
+
+
+def _row_blocks(n_rows: int, n_cols: int, hidden: int):
+    rows = max(1, PAIRWISE_BLOCK_ELEMENTS // max(1, n_cols * hidden))
+    for start in range(0, n_rows, rows):
+        yield slice(start, min(start + rows, n_rows))
+
+
+class _PairwiseMLPScores(torch.autograd.Function):
+    r""":math:`S_{ij} = w^\top \mathrm{relu}(a_i + c_j) + b` from a (B, H), c (N, H), w (H,), b ():
+    (B, N). The (B, N, H) hidden layer exists one row block at a time, in the forward and again in
+    the backward (recomputed from a and c), so memory is O(B·N + block) instead of O(B·N·H)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, c: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        scores = a.new_empty(a.shape[0], c.shape[0])
+        for rows in _row_blocks(a.shape[0], *c.shape):
+            hidden = (a[rows, None, :] + c[None]).relu_()  # (r, N, H)
+            scores[rows] = hidden @ w
+        ctx.save_for_backward(a, c, w)
+        return scores.add_(b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        a, c, w = ctx.saved_tensors
+        grad = grad.to(a.dtype)
+        da, dc, dw = torch.empty_like(a), torch.zeros_like(c), torch.zeros_like(w)
+        for rows in _row_blocks(a.shape[0], *c.shape):
+            hidden = (a[rows, None, :] + c[None]).relu_()  # (r, N, H), recomputed
+            g = grad[rows]  # (r, N)
+            dw += hidden.reshape(-1, hidden.shape[-1]).T @ g.reshape(-1)
+            d_pre = hidden.gt_(0).mul_(w).mul_(g[..., None])  # ∂S/∂(a_i + c_j), in place of the block
+            da[rows] = d_pre.sum(1)
+            dc += d_pre.sum(0)
+        return da, dc, dw, grad.sum()
+
+
 class ConcatCritic(Critic):
     r"""Pairwise MLP :math:`s_{ij} = w_2^\top \mathrm{relu}(A x_i + C y_j + b_1) + b_2` (hidden H).
 
-    Not separable: the reference path materialises a (B, N, H) hidden tensor. Use it for small
-    batches or as a baseline; the separable critics scale.
+    Not separable, so the estimators take its (B, N) score matrix and use the reference formulas;
+    the (B, N, H) hidden layer is never held whole (built and differentiated a block of rows at a
+    time, :data:`PAIRWISE_BLOCK_ELEMENTS`): memory O(B·N) rather than O(B·N·H).
     """
 
     separable: ClassVar[bool] = False
@@ -166,5 +208,6 @@ class ConcatCritic(Critic):
         self.out = nn.Linear(hidden, 1)  # w2, b2
 
     def scores(self, x: Tensor, y: Tensor) -> Tensor:
-        hidden = torch.relu(self.x_in(x).unsqueeze(1) + self.y_in(y).unsqueeze(0))  # (B, N, H)
-        return self.out(hidden).squeeze(-1)  # (B, N)
+        a, c = self.x_in(x), self.y_in(y)  # (B, H), (N, H)
+        c = c.to(a.dtype)
+        return _PairwiseMLPScores.apply(a, c, self.out.weight[0].to(a.dtype), self.out.bias[0].to(a.dtype))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rid_fast import functional
 
@@ -163,3 +164,18 @@ def assert_every_candidate_config_matches(monkeypatch, label: str, shape, *, dty
         assert_matches_reference(
             name, x, y, temperature=temperature, critic=critic, impl="triton", dtype=dtype, device=device, **options
         )
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op produces (memory-bound tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from estimator_checks import LargestTensor
 
 from rid_fast import ops, streaming
 
@@ -130,27 +130,12 @@ def test_gradcheck_float64(small_tiles, name, fast, direct):
     assert torch.autograd.gradcheck(lambda *a: _outputs(fast(*a)), inputs)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("name,fast,direct", CASES, ids=[c[0] for c in CASES])
 def test_never_materialises_the_score_matrix(monkeypatch, name, fast, direct):
     monkeypatch.setattr(streaming, "DEFAULT_BLOCK", (64, 64))
     monkeypatch.setattr(streaming, "STRIP_BYTES", 64 * 64 * 4)
     inputs = _inputs(600, 600, 8, dtype=torch.float32)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         result = _outputs(fast(*inputs))
         torch.autograd.grad(sum(r.sum() for r in result), inputs)
     # O((B+N)·D + block²): nothing larger than one (600, 8) input or one 64 × 64 tile.
