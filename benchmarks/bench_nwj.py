@@ -1,11 +1,5 @@
 """NWJ on CPU: streaming vs eager reference vs torch.compile (fp32, D=128)."""
 
-import pytest
+from suites import estimator_suite
 
-from rid_fast.bench import Case
-
-
-@pytest.mark.parametrize("impl", ["torch", "reference", "compile"])
-@pytest.mark.parametrize("batch", [8192, 16384])
-def test_nwj(run_case, batch, impl):
-    run_case(Case("nwj", n_queries=batch, dim=128, impl=impl, device="cpu"))
+test_nwj = estimator_suite("nwj")

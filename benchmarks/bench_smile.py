@@ -1,11 +1,5 @@
-"""SMILE on CPU: streaming vs eager reference vs torch.compile (fp32, D=128, clip 5)."""
+"""SMILE (clip 5) on CPU: streaming vs eager reference vs torch.compile (fp32, D=128)."""
 
-import pytest
+from suites import estimator_suite
 
-from rid_fast.bench import Case
-
-
-@pytest.mark.parametrize("impl", ["torch", "reference", "compile"])
-@pytest.mark.parametrize("batch", [8192, 16384])
-def test_smile(run_case, batch, impl):
-    run_case(Case("smile", n_queries=batch, dim=128, impl=impl, device="cpu"))
+test_smile = estimator_suite("smile")
