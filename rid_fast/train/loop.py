@@ -197,7 +197,9 @@ class Trainer:
         :mod:`rid_fast.train.measure`)."""
         from rid_fast.train.measure import layer_pids
 
-        if x is None or y is None:
+        if (x is None) != (y is None):
+            raise ValueError("measure_pid takes x and y together (or neither, for the test set)")
+        if x is None:
             x, y = self._tensors(None)
 
         if not self.config.distill.teacher_layers:
