@@ -13,9 +13,9 @@ For each (estimator, B = N, D, dtype, direction) it times and measures peak memo
 
 Plans, most important first, so that a short session with a GPU measures what matters:
 
-* ``headline`` — the targets: one-sided InfoNCE at B = N = 65536, D = 128, bf16 (every impl
-  forward + backward, then forward but for ``compile``), symmetric InfoNCE and NWJ / DV / SMILE /
-  JS there (Triton), the B = N = 1,048,576 memory case, fp16 and fp32 inputs at 65536;
+* ``headline`` — the targets: every estimator through Triton at B = N = 65536, D = 128, bf16
+  (forward + backward, and forward), the B = N = 1,048,576 memory case, then one-sided InfoNCE
+  there through every baseline, then fp16 and fp32 inputs at 65536;
 * ``sweep``    — B from 4096 to 1,048,576, D = 128 and 512, every estimator and impl (the
   materialising baselines only up to 131072);
 * ``all``      — headline, then the sweep's other cases.
@@ -148,19 +148,22 @@ def run_case(estimator: str, batch: int, dim: int, dtype: str, impl: str, backwa
 
 
 def headline_cases(impls: list[str]):
-    """The issue's targets, in order of importance."""
+    """The issue's targets. rid_fast's own cases first (seconds each, so a slow baseline compile
+    cannot crowd them out of a short session): every estimator at the headline shape, then the
+    memory case; then the baselines at the headline shape, ``torch.compile`` last; then other
+    input dtypes."""
     b = HEADLINE_B
-    for impl in impls:
-        if applies(impl, "infonce", b, 128):
-            yield "infonce", b, 128, "bfloat16", impl, True
-    for impl in impls:  # forward alone: compiling a second graph costs more than it tells
-        if impl != "compile" and applies(impl, "infonce", b, 128):
-            yield "infonce", b, 128, "bfloat16", impl, False
     if "triton" in impls:
-        for estimator in ESTIMATORS[1:]:
+        for estimator in ESTIMATORS:
             for backward in (True, False):
                 yield estimator, b, 128, "bfloat16", "triton", backward
         yield "infonce", HUGE_B, 128, "bfloat16", "triton", True
+    baselines = sorted((i for i in impls if i != "triton"), key=lambda impl: impl == "compile")
+    for backward in (True, False):
+        for impl in baselines:
+            # forward alone: compiling a second graph costs more than it tells
+            if applies(impl, "infonce", b, 128) and (backward or impl != "compile"):
+                yield "infonce", b, 128, "bfloat16", impl, backward
     for dtype in ("float16", "float32"):  # Inf-CL computes in fp32 whatever its inputs: compare there too
         for impl in ("triton", "reference", "infcl"):
             if impl in impls:

@@ -30,8 +30,12 @@ def test_headline_plan_measures_the_targets_first():
     assert ("infonce", 1048576, 128, "bfloat16", "triton", True) in headline
     for estimator in ("infonce_symmetric", "nwj", "dv", "smile", "js"):
         assert (estimator, 65536, 128, "bfloat16", "triton", True) in headline
-    every_impl = len(gpu_benchmark.IMPLS)
-    assert {case[4] for case in headline[:every_impl]} == set(gpu_benchmark.IMPLS)  # all at the headline shape
+    triton_first = [case for case in headline if case[4] == "triton"][: 2 * len(gpu_benchmark.ESTIMATORS) + 1]
+    assert headline[: len(triton_first)] == triton_first  # rid_fast's own cases before any baseline
+    at_headline_shape = {case[4] for case in headline if case[:4] == ("infonce", 65536, 128, "bfloat16") and case[5]}
+    assert at_headline_shape == set(gpu_benchmark.IMPLS)
+    baselines = [case[4] for case in headline if case[4] != "triton" and case[3] == "bfloat16" and case[5]]
+    assert baselines[-1] == "compile"  # the slowest to start comes last
     for estimator, batch, dim, _, impl, _ in cases:
         assert gpu_benchmark.applies(impl, estimator, batch, dim)
     assert not any(impl == "sdpa" and estimator != "infonce" for estimator, *_, impl, _ in cases)
