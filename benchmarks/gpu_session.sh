@@ -3,7 +3,8 @@
 # time-boxed, every result written as it comes, so a call cut short still returns what it measured.
 #
 #   here (CPU machine, once):  make gpu-wheels        # pytest & numpy wheels for a bare GPU image
-#   device call:               bash benchmarks/gpu_session.sh   (carry: .gpu_wheels, timeout 600)
+#   device call:               BUDGET=540 bash benchmarks/gpu_session.sh   (carry: .gpu_wheels)
+#   with the call's timeout ≈ BUDGET + 50 s (less device time left: a smaller BUDGET)
 #
 # Steps (seconds of the ${BUDGET:-540} s budget):
 #   1. environment and install (pip install --no-deps -e ., test dependencies from .gpu_wheels)
