@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import os
 import platform
@@ -55,7 +56,7 @@ sys.path.insert(0, str(HERE))
 
 import baselines  # noqa: E402
 
-from rid_fast import bench, functional, reference  # noqa: E402
+from rid_fast import bench  # noqa: E402
 from rid_fast.kernels import tuning  # noqa: E402
 
 ESTIMATORS = ["infonce", "infonce_symmetric", "nwj", "dv", "smile", "js"]
@@ -65,22 +66,10 @@ MATERIALISED_MAX_B = 131072  # the B×N baselines need B² scores: not beyond th
 COLUMNS = ("estimator", "B", "D", "dtype", "direction", "impl", "configs", "ms", "tflops", "peak_gb", "first_call_s")
 
 
-def _estimate_fn(impl: str, estimator: str):
-    name, options = bench.ESTIMATOR_OPTIONS[estimator]
-    if impl == "triton":
-        return lambda x, y: functional.mi_bound(
-            x, y, name, temperature=0.1, impl="triton", check_values=False, **options
-        )
-    if impl == "reference":
-        return lambda x, y: getattr(reference, name)(x, y, temperature=0.1, **options)
-    if impl == "compile":
-        oracle = getattr(reference, name)
-        return torch.compile(lambda x, y: oracle(x, y, temperature=0.1, **options))
-    if impl == "sdpa":
-        return lambda x, y: baselines.sdpa_infonce(x, y, temperature=0.1)
-    if impl == "infcl":
-        return lambda x, y: baselines.infcl_infonce(x, y, temperature=0.1)
-    raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+def _baseline(impl: str):
+    """The estimate of an impl outside rid_fast (one-sided InfoNCE at τ = 0.1), else None."""
+    functions = {"sdpa": baselines.sdpa_infonce, "infcl": baselines.infcl_infonce}
+    return (lambda x, y: functions[impl](x, y, temperature=0.1)) if impl in functions else None
 
 
 def applies(impl: str, estimator: str, batch: int, dim: int) -> bool:
@@ -110,19 +99,15 @@ def run_case(estimator: str, batch: int, dim: int, dtype: str, impl: str, backwa
     """One case's timing and peak memory (and, for Triton, whether its configs were autotuned)."""
     row = {"estimator": estimator, "B": batch, "D": dim, "dtype": dtype, "impl": impl,
            "direction": "fwd+bwd" if backward else "fwd"}  # fmt: skip
-    case = bench.Case(estimator, n_queries=batch, dim=dim, dtype=dtype, backward=backward, device=device)
+    case = bench.Case(estimator, n_queries=batch, dim=dim, dtype=dtype, impl=impl, backward=backward, device=device)
     cuda = device == "cuda"
     if impl == "triton":
         row["configs"] = "autotuned" if tuning.autotune_enabled() else "default"
     try:
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
         x, y = bench.make_inputs(case)
-        estimate = _estimate_fn(impl, estimator)
-
-        def step():
-            value = estimate(x, y)
-            if backward:
-                torch.autograd.grad(value, (x, y))
-
+        step = functools.partial(bench.make_step(case, _baseline(impl)), x, y)
         start = time.perf_counter()
         step()  # first call: compilation, autotuning
         if cuda:

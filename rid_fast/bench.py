@@ -95,9 +95,12 @@ def _estimator_fn(case: Case) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
     )
 
 
-def make_step(case: Case) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One timed step: the estimate, and its backward when ``case.backward``."""
-    estimate = _estimator_fn(case)
+def make_step(
+    case: Case, estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One timed step: the estimate (``case``'s estimator, or ``estimate(x, y)`` — a baseline
+    outside the package), and its backward when ``case.backward``."""
+    estimate = estimate or _estimator_fn(case)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         value = estimate(x, y)
