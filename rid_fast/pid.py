@@ -302,11 +302,12 @@ class _Newton:
         restores it: iterates must stay feasible for their entropy to be a certified bound.
         """
         q = self._state.q
-        lam, mu = self._multipliers(g, q.sum(3) - self.p_yt, q.sum(2) - self.p_ys)
+        drift_t, drift_s = q.sum(3) - self.p_yt, q.sum(2) - self.p_ys  # A Q − b
+        lam, mu = self._multipliers(g, drift_t, drift_s)
         direction = self._k_inverse(g - lam[..., None] - mu[:, :, None, :])
         for _ in range(_REFINE):
-            res_t = direction.sum(3) + q.sum(3) - self.p_yt
-            res_s = direction.sum(2) + q.sum(2) - self.p_ys
+            res_t = direction.sum(3) + drift_t
+            res_s = direction.sum(2) + drift_s
             if max(float(res_t.abs().max()), float(res_s.abs().max())) <= _FEASIBLE / 100:
                 break
             d_lam, d_mu = self._multipliers(None, res_t, res_s)
