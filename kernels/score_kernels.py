@@ -96,6 +96,57 @@ def _softplus(x):
 
 
 @triton.jit
+def _fold_columns(
+    q_ptr, k_ptr, q_block, offs_m, start, stop, n_rows, n_cols, dim, scale, clip,
+    running_max, running_sum,
+    REDUCTION: tl.constexpr, MASK_DIAGONAL: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Fold the column tiles in [start, stop) into the running row statistics.
+
+    LSE keeps its maximum in the units of x = q·k, before σ: σ > 0 keeps the maximum's position
+    and clamp(σx, ±c) = σ clamp(x, ±c/σ), so σ folds into the exponent, one FMA per score:
+    e^{σx − σm} = 2^{x·σlog₂e − m·σlog₂e}. Only MASKED tiles (the ragged last one, those crossing
+    the diagonal when it is dropped) pay for the comparisons and selects of masking.
+    """
+    exp2_scale = scale * LOG2E
+    x_clip = clip / scale
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        x = _score_tile(
+            q_ptr, k_ptr, q_block, offs_m, offs_n, n_rows, n_cols, dim,
+            BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
+        )  # fmt: skip
+        if REDUCTION == SOFTPLUS:
+            x = scale * x
+        if CLIP:
+            x = tl.minimum(tl.maximum(x, -x_clip), x_clip)
+        if MASKED:
+            keep = offs_n[None, :] < n_cols
+            if MASK_DIAGONAL:
+                keep = keep & (offs_m[:, None] != offs_n[None, :])
+        if REDUCTION == LSE:
+            if MASKED:
+                x = tl.where(keep, x, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(x, axis=1))
+            if MASKED:
+                # Rows with only masked entries so far keep a -inf maximum; shift them by 0, not -inf.
+                new_max_shift = tl.where(new_max == float("-inf"), 0.0, new_max) * exp2_scale
+            else:
+                new_max_shift = new_max * exp2_scale
+            running_sum = running_sum * tl.exp2(running_max * exp2_scale - new_max_shift)
+            running_sum += tl.sum(tl.exp2(x * exp2_scale - new_max_shift[:, None]), axis=1)
+            running_max = new_max
+        else:
+            terms = _softplus(x)
+            if MASKED:
+                terms = tl.where(keep, terms, 0.0)
+            running_sum += tl.sum(terms, axis=1)
+    return running_max, running_sum
+
+
+@triton.jit
 def _row_stats_fwd(
     q_ptr, k_ptr,  # (n_rows, dim), (n_cols, dim): statistics are per row of q, k streams past
     scale_ptr,  # () fp32 inverse temperature σ
@@ -106,34 +157,50 @@ def _row_stats_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(0) * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     scale = tl.load(scale_ptr)
     q_block = _load_block(q_ptr, offs_m, tl.arange(0, BLOCK_K), n_rows, dim, dim) if SINGLE_K else None
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, n_cols, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        scores = scale * _score_tile(
-            q_ptr, k_ptr, q_block, offs_m, offs_n, n_rows, n_cols, dim,
-            BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
-        )  # fmt: skip
-        keep = offs_n[None, :] < n_cols
-        if MASK_DIAGONAL:
-            keep = keep & (offs_m[:, None] != offs_n[None, :])
-        if REDUCTION == LSE:
-            if CLIP:
-                scores = tl.minimum(tl.maximum(scores, -clip), clip)
-            scores = tl.where(keep, scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            # Rows with only masked entries so far keep a -inf maximum; shift them by 0, not -inf.
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            running_sum = running_sum * tl.exp2((running_max - shift) * LOG2E)
-            running_sum += tl.sum(tl.exp2((scores - shift[:, None]) * LOG2E), axis=1)
-            running_max = new_max
-        else:
-            running_sum += tl.sum(tl.where(keep, _softplus(scores), 0.0), axis=1)
     if REDUCTION == LSE:
-        result = running_max + tl.log(running_sum)
+        # Column tiles in order: unmasked [0, band_lo), masked [band_lo, band_hi) (the tiles
+        # holding this block's diagonal, when it is dropped), unmasked [band_hi, full), masked
+        # [full, n_cols) (the ragged last tile).
+        full = (n_cols // BLOCK_N) * BLOCK_N
+        band_lo = full
+        band_hi = full
+        if MASK_DIAGONAL:
+            band_lo = tl.minimum((row0 // BLOCK_N) * BLOCK_N, full)
+            band_hi = tl.minimum(tl.cdiv(row0 + BLOCK_M, BLOCK_N) * BLOCK_N, full)
+        running_max, running_sum = _fold_columns(
+            q_ptr, k_ptr, q_block, offs_m, 0, band_lo, n_rows, n_cols, dim, scale, clip, running_max,
+            running_sum, REDUCTION, MASK_DIAGONAL, CLIP, False, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
+        )
+        if MASK_DIAGONAL:
+            running_max, running_sum = _fold_columns(
+                q_ptr, k_ptr, q_block, offs_m, band_lo, band_hi, n_rows, n_cols, dim, scale, clip, running_max,
+                running_sum, REDUCTION, MASK_DIAGONAL, CLIP, True, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K,
+                INPUT_PRECISION,
+            )
+            running_max, running_sum = _fold_columns(
+                q_ptr, k_ptr, q_block, offs_m, band_hi, full, n_rows, n_cols, dim, scale, clip, running_max,
+                running_sum, REDUCTION, MASK_DIAGONAL, CLIP, False, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K,
+                INPUT_PRECISION,
+            )
+        running_max, running_sum = _fold_columns(
+            q_ptr, k_ptr, q_block, offs_m, full, n_cols, n_rows, n_cols, dim, scale, clip, running_max,
+            running_sum, REDUCTION, MASK_DIAGONAL, CLIP, True, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
+        )
+    else:
+        # Softplus: a logarithm per score dwarfs what masking costs (7 % of the loop's
+        # instructions), and one loop instead of four keeps the fp32 variants free of spills.
+        running_max, running_sum = _fold_columns(
+            q_ptr, k_ptr, q_block, offs_m, 0, n_cols, n_rows, n_cols, dim, scale, clip, running_max,
+            running_sum, REDUCTION, MASK_DIAGONAL, CLIP, True, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
+        )
+    if REDUCTION == LSE:
+        result = running_max * scale + tl.log(running_sum)
     else:
         result = running_sum
     tl.store(out_ptr + offs_m, result, mask=offs_m < n_rows)
