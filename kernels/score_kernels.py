@@ -2,8 +2,11 @@ r"""Triton kernels for the reductions of a score matrix :math:`S = \sigma q k^\t
 
 Tiled like FlashAttention: a program owns a block of ``BLOCK_M`` rows of ``q`` and streams
 ``BLOCK_N``-row blocks of ``k`` past it, forming one ``BLOCK_M × BLOCK_N`` tile of scores at a time
-with ``tl.dot`` (fp32 accumulation, the feature dimension in ``BLOCK_K`` chunks), then multiplied
-in fp32 by the inverse temperature σ, read from a one-element tensor (no host synchronisation).
+with ``tl.dot`` (fp32 accumulation, the feature dimension in ``BLOCK_K`` chunks), then scaled in
+fp32 by the inverse temperature σ, read from a one-element tensor (no host synchronisation); the
+forward folds σ·log₂e into the one FMA that forms each exponent. Where the ALU work per score is
+what bounds a loop, the tiles that need no masking (off the diagonal, inside the matrix) run in
+a loop of their own without the comparisons and selects.
 
 **Forward** — :func:`_row_stats_fwd`, one program per row block, writes one fp32 number per row:
 
@@ -96,32 +99,52 @@ def _softplus(x):
 
 
 @triton.jit
+def _column_split(row0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, n_cols, BAND: tl.constexpr, MASKED: tl.constexpr):
+    """The column tiles of the row block [row0, row0 + BLOCK_M) go in two loops: those that need
+    no masking, then (MASKED) those that do — with BAND the tiles holding the block's diagonal
+    [band_lo, band_hi), then the ragged last tile. A loop runs over positions [start, stop) with
+    ``gap`` added from ``gap_at`` on; returns (start, stop, gap_at, gap). Two loops rather than one
+    per range: less code and fewer registers held by pipelining (computed per loop for the same
+    reason: fewer values live across the first)."""
+    full = (n_cols // BLOCK_N) * BLOCK_N
+    band_lo = full
+    band_hi = full
+    if BAND:
+        band_lo = tl.minimum((row0 // BLOCK_N) * BLOCK_N, full)
+        band_hi = tl.minimum(tl.cdiv(row0 + BLOCK_M, BLOCK_N) * BLOCK_N, full)
+    if MASKED:  # the band, then (if n_cols > full) position band_hi, moved to the tile at full
+        return band_lo, band_hi + n_cols - full, band_hi, full - band_hi
+    return 0, full - (band_hi - band_lo), band_lo, band_hi - band_lo
+
+
+@triton.jit
 def _fold_columns(
-    q_ptr, k_ptr, q_block, offs_m, start, stop, n_rows, n_cols, dim, scale, clip,
+    q_ptr, k_ptr, q_block, offs_m, start, stop, gap_at, gap, n_rows, n_cols, dim, scale, clip,
     running_max, running_sum,
     REDUCTION: tl.constexpr, MASK_DIAGONAL: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Fold the column tiles in [start, stop) into the running row statistics.
+    """Fold column tiles into the running row statistics: those at positions [start, stop), with
+    ``gap`` added to the positions from ``gap_at`` on (see :func:`_column_split`).
 
-    LSE keeps its maximum in the units of x = q·k, before σ: σ > 0 keeps the maximum's position
-    and clamp(σx, ±c) = σ clamp(x, ±c/σ), so σ folds into the exponent, one FMA per score:
-    e^{σx − σm} = 2^{x·σlog₂e − m·σlog₂e}. Only MASKED tiles (the ragged last one, those crossing
-    the diagonal when it is dropped) pay for the comparisons and selects of masking.
+    LSE keeps its maximum in the units of x = q·k, before σ (σ > 0 keeps the maximum's
+    position), so that σ folds into the exponent, one FMA per score: e^{σx − σm} =
+    2^{x·σlog₂e − m·σlog₂e}. With CLIP, x = clamp(σ q·k, ±clip) in the scores' own units. Only
+    MASKED tiles (the ragged last one, those crossing the diagonal when it is dropped) pay for
+    the comparisons and selects of masking.
     """
-    exp2_scale = scale * LOG2E
-    x_clip = clip / scale
-    for start_n in range(start, stop, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    exp2_scale = LOG2E if CLIP else scale * LOG2E
+    for position in range(start, stop, BLOCK_N):
+        offs_n = position + tl.where(position >= gap_at, gap, 0) + tl.arange(0, BLOCK_N)
         x = _score_tile(
             q_ptr, k_ptr, q_block, offs_m, offs_n, n_rows, n_cols, dim,
             BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
         )  # fmt: skip
-        if REDUCTION == SOFTPLUS:
+        if CLIP or REDUCTION == SOFTPLUS:
             x = scale * x
         if CLIP:
-            x = tl.minimum(tl.maximum(x, -x_clip), x_clip)
+            x = tl.minimum(tl.maximum(x, -clip), clip)
         if MASKED:
             keep = offs_n[None, :] < n_cols
             if MASK_DIAGONAL:
@@ -163,44 +186,25 @@ def _row_stats_fwd(
     q_block = _load_block(q_ptr, offs_m, tl.arange(0, BLOCK_K), n_rows, dim, dim) if SINGLE_K else None
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if REDUCTION == LSE:
-        # Column tiles in order: unmasked [0, band_lo), masked [band_lo, band_hi) (the tiles
-        # holding this block's diagonal, when it is dropped), unmasked [band_hi, full), masked
-        # [full, n_cols) (the ragged last tile).
-        full = (n_cols // BLOCK_N) * BLOCK_N
-        band_lo = full
-        band_hi = full
-        if MASK_DIAGONAL:
-            band_lo = tl.minimum((row0 // BLOCK_N) * BLOCK_N, full)
-            band_hi = tl.minimum(tl.cdiv(row0 + BLOCK_M, BLOCK_N) * BLOCK_N, full)
+    # Unmasked tiles get a loop of their own where the ALU work per score is what bounds the
+    # kernel: LSE on 16-bit inputs (tensor cores at full rate). Softplus spends a logarithm per
+    # score, which dwarfs masking (7 % of its loop), fp32 inputs run the dot at a fraction of that
+    # rate; one masked loop keeps both smaller (and their fp32 variants free of spills).
+    if REDUCTION == LSE and q_ptr.dtype.element_ty != tl.float32:
+        start, stop, gap_at, gap = _column_split(row0, BLOCK_M, BLOCK_N, n_cols, MASK_DIAGONAL, False)
         running_max, running_sum = _fold_columns(
-            q_ptr, k_ptr, q_block, offs_m, 0, band_lo, n_rows, n_cols, dim, scale, clip, running_max,
+            q_ptr, k_ptr, q_block, offs_m, start, stop, gap_at, gap, n_rows, n_cols, dim, scale, clip, running_max,
             running_sum, REDUCTION, MASK_DIAGONAL, CLIP, False, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
         )
-        if MASK_DIAGONAL:
-            running_max, running_sum = _fold_columns(
-                q_ptr, k_ptr, q_block, offs_m, band_lo, band_hi, n_rows, n_cols, dim, scale, clip, running_max,
-                running_sum, REDUCTION, MASK_DIAGONAL, CLIP, True, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K,
-                INPUT_PRECISION,
-            )
-            running_max, running_sum = _fold_columns(
-                q_ptr, k_ptr, q_block, offs_m, band_hi, full, n_rows, n_cols, dim, scale, clip, running_max,
-                running_sum, REDUCTION, MASK_DIAGONAL, CLIP, False, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K,
-                INPUT_PRECISION,
-            )
-        running_max, running_sum = _fold_columns(
-            q_ptr, k_ptr, q_block, offs_m, full, n_cols, n_rows, n_cols, dim, scale, clip, running_max,
-            running_sum, REDUCTION, MASK_DIAGONAL, CLIP, True, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
-        )
+        start, stop, gap_at, gap = _column_split(row0, BLOCK_M, BLOCK_N, n_cols, MASK_DIAGONAL, True)
     else:
-        # Softplus: a logarithm per score dwarfs what masking costs (7 % of the loop's
-        # instructions), and one loop instead of four keeps the fp32 variants free of spills.
-        running_max, running_sum = _fold_columns(
-            q_ptr, k_ptr, q_block, offs_m, 0, n_cols, n_rows, n_cols, dim, scale, clip, running_max,
-            running_sum, REDUCTION, MASK_DIAGONAL, CLIP, True, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
-        )
+        start, stop, gap_at, gap = 0, n_cols, n_cols, 0
+    running_max, running_sum = _fold_columns(
+        q_ptr, k_ptr, q_block, offs_m, start, stop, gap_at, gap, n_rows, n_cols, dim, scale, clip, running_max,
+        running_sum, REDUCTION, MASK_DIAGONAL, CLIP, True, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
+    )
     if REDUCTION == LSE:
-        result = running_max * scale + tl.log(running_sum)
+        result = running_max * (1.0 if CLIP else scale) + tl.log(running_sum)
     else:
         result = running_sum
     tl.store(out_ptr + offs_m, result, mask=offs_m < n_rows)
