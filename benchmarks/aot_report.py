@@ -1,5 +1,6 @@
 """Compile every kernel config for sm_90 and sm_80 on this machine (no GPU) and record, per
-kernel, registers, local memory (spills), shared memory and the tensor-core instruction used.
+kernel, registers, local memory (spills), shared memory, the tensor-core instruction used and the
+SASS instructions per iteration of its MMA loops.
 
     python benchmarks/aot_report.py [--out benchmarks/results] [--workers 2]
 
@@ -37,15 +38,17 @@ def main() -> int:
         f"# Ahead-of-time compile report (triton {triton.__version__}, no GPU)",
         "",
         "Every kernel × variant × dtype × D × autotuner candidate; registers per thread, local memory",
-        "(spills + stack) per thread, dynamic shared memory per block, tensor-core instruction.",
+        "(spills + stack) per thread, dynamic shared memory per block, tensor-core instruction, and SASS",
+        "instructions per iteration of each loop that issues MMAs (per tile: the work besides the MMAs).",
         "",
-        "| arch | kernel | variant | dtype | D | config | regs | local B | smem KiB | MMA |",
-        "|---|---|---|---|---:|---|---:|---:|---:|---|",
+        "| arch | kernel | variant | dtype | D | config | regs | local B | smem KiB | MMA | SASS per loop |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---|---:|",
     ]
     for r in reports:
         lines.append(
             f"| sm_{r['arch']} | {r['kernel']} | {r['variant']} | {r['dtype']} | {r['dim']} | {r['config']} | "
-            f"{r['registers']} | {r['local_bytes']} | {r['shared_bytes'] / 1024:.0f} | {r['mma']} |"
+            f"{r['registers']} | {r['local_bytes']} | {r['shared_bytes'] / 1024:.0f} | {r['mma']} | "
+            f"{r['loop_instructions'] or '—'} |"
         )
     (args.out / "aot_report.md").write_text("\n".join(lines) + "\n")
     bad = [r for r in reports if r["local_bytes"] or r["shared_bytes"] > aot.SHARED_MEMORY_LIMIT[r["arch"]]]

@@ -58,23 +58,50 @@ class CompileReport:
     ptx_local_access: bool
     shared_bytes: int
     mma: str  # "wgmma", "mma.sync" or "none"
+    loop_instructions: str  # SASS instructions per iteration of each MMA loop, "/"-separated
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers, local bytes) of the cubin's kernel, from ``cuobjdump -res-usage``."""
+def _cuobjdump(cubin: bytes, option: str) -> str:
     tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
-        text = subprocess.run([tool, "-res-usage", handle.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, option, handle.name], capture_output=True, text=True, check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, local bytes) of the cubin's kernel, from ``cuobjdump -res-usage``."""
+    text = _cuobjdump(cubin, "-res-usage")
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
     if usage is None:
         raise RuntimeError(f"cannot read resource usage from cuobjdump:\n{text}")
     registers, stack, local = map(int, usage.groups())
     return registers, stack + local
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*?(?:0x([0-9a-f]+))?\s*;")
+
+
+def mma_loop_instructions(cubin: bytes) -> list[int]:
+    """SASS instructions in each loop that issues tensor-core MMAs (HGMMA, HMMA), in program
+    order: the per-tile cost of a kernel's main loops, a static measure of the work besides the
+    MMAs (exponentials, masks, bookkeeping). A loop is the span from a backward branch's target
+    to the branch."""
+    lines = [
+        (int(match.group(1), 16), match.group(2), match.group(3))
+        for match in map(_SASS_LINE.search, _cuobjdump(cubin, "-sass").splitlines())
+        if match
+    ]
+    sizes = []
+    for address, opcode, target in lines:
+        if opcode == "BRA" and target is not None and int(target, 16) < address:
+            body = [op for a, op, _ in lines if int(target, 16) <= a <= address]
+            if any(op in ("HGMMA", "HMMA") for op in body):
+                sizes.append(len(body))
+    return sizes
 
 
 def compile_kernel(
@@ -131,12 +158,15 @@ def compile_kernel(
         ptx_local_access=bool(re.search(r"\b(ld|st)\.local", ptx)),
         shared_bytes=compiled.metadata.shared,
         mma=mma,
+        loop_instructions="/".join(map(str, mma_loop_instructions(compiled.asm["cubin"]))),
     )
 
 
-# The constexpr variants compiled per kernel: the heaviest of each family (most live values).
+# The constexpr variants compiled per kernel: the heaviest of each family (most live values), and
+# InfoNCE's forward, the headline case.
 _VARIANTS = {
     "row_stats_fwd": {
+        "lse": {"REDUCTION": 0, "MASK_DIAGONAL": False, "CLIP": False},  # InfoNCE: the headline case
         "lse_masked_clipped": {"REDUCTION": 0, "MASK_DIAGONAL": True, "CLIP": True},
         "softplus_masked": {"REDUCTION": 1, "MASK_DIAGONAL": True, "CLIP": False},
     },

@@ -28,6 +28,7 @@ def _check(report):
     if report.dtype == "bfloat16":
         expected = "wgmma" if report.arch == 90 else "mma.sync"
         assert report.mma == expected, f"no tensor-core MMA ({expected}) in {report}"
+        assert report.loop_instructions, f"no loop issuing MMAs found in the SASS of {report}"
 
 
 @pytest.mark.parametrize("job", JOBS, ids=[_id(j) for j in JOBS])
