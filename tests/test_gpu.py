@@ -16,6 +16,7 @@ from estimator_checks import (
     assert_every_candidate_config_matches,
     assert_matches_reference,
     correlated_pair,
+    far_below_zero_pair,
 )
 
 from rid_fast import functional, pid
@@ -52,6 +53,19 @@ def test_every_candidate_config(monkeypatch, label, dtype):
     """The symmetric InfoNCE runs every kernel with column statistics, SMILE the clipped
     exponential, JS the softplus reduction."""
     assert_every_candidate_config_matches(monkeypatch, label, (1031, 1500, 200), dtype=dtype, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("label", ["infonce", "infonce_symmetric", "dv", "smile"])
+def test_scores_far_below_zero_on_ragged_tiles(monkeypatch, label, dtype):
+    """The GPU tiles' ragged edges with every score ≈ −120 (see far_below_zero_pair)."""
+    monkeypatch.setenv("RID_FAST_AUTOTUNE", "0")
+    name, _, options = KERNEL_ESTIMATORS[label]
+    if name == "smile":
+        options = {**options, "clip": 200.0}
+    n_queries, n_keys = (1031, 1031) if options.get("symmetric") else (1031, 1500)
+    x, y = far_below_zero_pair(n_queries, n_keys, 72)
+    assert_matches_reference(name, x, y, temperature=0.1, impl="triton", dtype=dtype, device="cuda", **options)
 
 
 def test_auto_picks_triton_on_cuda():
