@@ -188,8 +188,8 @@ def _row_stats_fwd(
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     # Unmasked tiles get a loop of their own where the ALU work per score is what bounds the
     # kernel: LSE on 16-bit inputs (tensor cores at full rate). Softplus spends a logarithm per
-    # score, which dwarfs masking (7 % of its loop), fp32 inputs run the dot at a fraction of that
-    # rate; one masked loop keeps both smaller (and their fp32 variants free of spills).
+    # score, which dwarfs masking (7 % of its loop); fp32 inputs run the dot at a fraction of that
+    # rate. One masked loop keeps their code smaller (and the fp32 variants free of spills).
     if REDUCTION == LSE and q_ptr.dtype.element_ty != tl.float32:
         start, stop, gap_at, gap = _column_split(row0, BLOCK_M, BLOCK_N, n_cols, MASK_DIAGONAL, False)
         running_max, running_sum = _fold_columns(
