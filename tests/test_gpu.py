@@ -14,9 +14,9 @@ import torch
 from estimator_checks import (
     KERNEL_ESTIMATORS,
     assert_every_candidate_config_matches,
+    assert_far_below_zero_matches,
     assert_matches_reference,
     correlated_pair,
-    far_below_zero_pair,
 )
 
 from rid_fast import functional, pid
@@ -58,15 +58,10 @@ def test_every_candidate_config(monkeypatch, label, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("label", ["infonce", "infonce_symmetric", "dv", "smile"])
 def test_scores_far_below_zero_on_ragged_tiles(monkeypatch, label, dtype):
-    """The GPU tiles' ragged edges with every score ≈ −120 (see far_below_zero_pair); D = 64 as in
-    the accuracy sweep, whose compiled kernels these launches reuse."""
+    """The GPU tiles' ragged edges with every score ≈ −120; D = 64 as in the accuracy sweep, whose
+    compiled kernels these launches reuse."""
     monkeypatch.setenv("RID_FAST_AUTOTUNE", "0")
-    name, _, options = KERNEL_ESTIMATORS[label]
-    if name == "smile":
-        options = {**options, "clip": 200.0}
-    n_queries, n_keys = (1031, 1031) if options.get("symmetric") else (1031, 1500)
-    x, y = far_below_zero_pair(n_queries, n_keys, 64)
-    assert_matches_reference(name, x, y, temperature=0.1, impl="triton", dtype=dtype, device="cuda", **options)
+    assert_far_below_zero_matches(label, (1031, 1500, 64), dtype=dtype, device="cuda")
 
 
 def test_auto_picks_triton_on_cuda():
