@@ -191,3 +191,13 @@ def test_pid_table_means_and_spreads_over_seeds():
     assert math.isnan(table[1]["red_sd"])  # one seed: no spread
     assert format_spread(table[0]["red"], table[0]["red_sd"]) == "2.000 ± 1.414"
     assert format_spread(table[1]["red"], table[1]["red_sd"]) == "2.000"
+
+
+def test_measure_pid_defaults_to_the_test_set(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "distill.method=vid", "run.pid_clusters=4"))
+    x_test, y_test = trainer._tensors(None)
+    values = trainer.measure_pid()
+    assert values and values == trainer.measure_pid(x_test, y_test)
+    assert values != trainer.measure_pid(*trainer._tensors(torch.arange(60)))  # not the training set
+    with pytest.raises(ValueError, match="x and y together"):
+        trainer.measure_pid(x_test)
