@@ -23,7 +23,8 @@ import torch
 
 from rid_fast import pid
 
-SHAPES = [(3, 3, 3), (10, 8, 8), (10, 20, 20)]
+# (10, 10, 10) is the RID protocol's own: 10 classes, 10 k-means clusters per representation.
+SHAPES = [(3, 3, 3), (10, 8, 8), (10, 10, 10), (10, 20, 20)]
 RESULTS = Path(__file__).parent / "results"
 
 
