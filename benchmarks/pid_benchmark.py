@@ -110,6 +110,17 @@ def _table(rows: list[dict], device: str, conditions: dict, sample: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_name() -> str:
+    """The processor's brand string (py-cpuinfo comes with pytest-benchmark), else what
+    ``platform`` knows."""
+    try:
+        import cpuinfo
+
+        return cpuinfo.get_cpu_info().get("brand_raw") or "cpu"
+    except ImportError:
+        return platform.processor() or platform.machine() or "cpu"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[256])
@@ -118,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     conditions = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
