@@ -170,11 +170,11 @@ def sweep_cases(impls: list[str]):
 
 def plan_cases(plan: str, impls: list[str]):
     """The cases of ``plan`` in run order, each once."""
-    if plan not in ("headline", "sweep", "all"):
-        raise ValueError(f"plan must be 'headline', 'sweep' or 'all'; got {plan!r}")
-    parts = {"headline": [headline_cases], "sweep": [sweep_cases], "all": [headline_cases, sweep_cases]}[plan]
+    plans = {"headline": [headline_cases], "sweep": [sweep_cases], "all": [headline_cases, sweep_cases]}
+    if plan not in plans:
+        raise ValueError(f"plan must be one of {', '.join(map(repr, plans))}; got {plan!r}")
     seen = set()
-    for part in parts:
+    for part in plans[plan]:
         for case in part(impls):
             if case not in seen:
                 seen.add(case)

@@ -199,11 +199,10 @@ class Trainer:
 
         if (x is None) != (y is None):
             raise ValueError("measure_pid takes x and y together (or neither, for the test set)")
-        if x is None:
-            x, y = self._tensors(None)
-
         if not self.config.distill.teacher_layers:
             return {}
+        if x is None:
+            x, y = self._tensors(None)
         run = self.config.run
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # measuring must not change what training draws next
