@@ -14,10 +14,10 @@ For each (estimator, B = N, D, dtype, direction) it times and measures peak memo
 Plans, most important first, so that a short session with a GPU measures what matters:
 
 * ``headline`` — the targets: every estimator through Triton at B = N = 65536, D = 128, bf16
-  (forward + backward, and forward), the B = N = 1,048,576 memory case, then one-sided InfoNCE
-  there through every baseline, then fp16 and fp32 inputs at 65536;
+  (forward + backward, and forward), the B = N = 1,048,576 memory case, InfoNCE with the cosine
+  critic, then one-sided InfoNCE there through every baseline, then fp16 and fp32 inputs at 65536;
 * ``sweep``    — B from 4096 to 1,048,576, D = 128 and 512, every estimator and impl (the
-  materialising baselines only up to 131072);
+  materialising baselines only up to 131072), and the cosine critic for InfoNCE through Triton;
 * ``all``      — headline, then the sweep's other cases.
 
 Cases run in that order until ``--budget-s`` has elapsed (the case under way finishes). Results are
@@ -25,11 +25,15 @@ rewritten after every case — ``gpu_<device>.json``, ``.csv``, ``.md`` and, wit
 ``.png`` — so a run cut short keeps what it measured. Timings are medians of
 ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs); peak memory is
 ``torch.cuda.max_memory_allocated`` above the inputs; a case that runs out of memory is recorded
-as ``oom``, one that fails as ``error`` with its message. The Triton kernels are autotuned up to the
-headline size and run their default configs beyond it (the autotuner benchmarks every candidate at
-the launch's size: minutes at B = 1,048,576). ``--device cpu --scale 512`` is a dry run of the
-same plan at small sizes (wall-clock medians, no memory), which the tests use to check this script
-without a GPU.
+as ``oom``, one that fails as ``error`` with its message. The Triton kernels are autotuned up to
+the headline size and run their default configs beyond it (the autotuner benchmarks every
+candidate at the launch's size: minutes at B = 1,048,576). ``--device cpu --scale 512`` is a dry
+run of the same plan at small sizes (wall-clock medians, no memory), which the tests use to check
+this script without a GPU.
+
+The cosine critic normalises the rows in a separate op before the kernels (O((B + N)·D) work next
+to their O(B·N·D)); its time minus the dot critic's at the same shape bounds what fusing the
+normalisation into the kernels could save.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 from unittest import mock
 
 import torch
@@ -63,7 +68,20 @@ ESTIMATORS = ["infonce", "infonce_symmetric", "nwj", "dv", "smile", "js"]
 IMPLS = ["triton", "reference", "compile", "sdpa", "infcl"]
 HEADLINE_B, HUGE_B = 65536, 1048576
 MATERIALISED_MAX_B = 131072  # the B×N baselines need B² scores: not beyond this
-COLUMNS = ("estimator", "B", "D", "dtype", "direction", "impl", "configs", "ms", "tflops", "peak_gb", "first_call_s")
+COLUMNS = ("estimator", "critic", "B", "D", "dtype", "direction", "impl", "configs", "ms", "tflops", "peak_gb",
+           "first_call_s")  # fmt: skip
+
+
+class PlannedCase(NamedTuple):
+    """One case of a plan: an estimator at B = N = ``batch``, through ``impl``."""
+
+    estimator: str
+    batch: int
+    dim: int
+    dtype: str
+    impl: str
+    backward: bool
+    critic: str = "dot"
 
 
 def _baseline(impl: str):
@@ -72,10 +90,10 @@ def _baseline(impl: str):
     return (lambda x, y: functions[impl](x, y, temperature=0.1)) if impl in functions else None
 
 
-def applies(impl: str, estimator: str, batch: int, dim: int) -> bool:
-    """Whether ``impl`` computes ``estimator`` at this size (SDPA and Inf-CL: InfoNCE only; SDPA:
-    head dim ≤ 256; the materialising baselines: B ≤ 131072)."""
-    if impl in ("sdpa", "infcl") and (estimator != "infonce" or (impl == "sdpa" and dim > 256)):
+def applies(impl: str, estimator: str, batch: int, dim: int, critic: str = "dot") -> bool:
+    """Whether ``impl`` computes ``estimator`` at this size (SDPA and Inf-CL: InfoNCE with the dot
+    critic only; SDPA: head dim ≤ 256; the materialising baselines: B ≤ 131072)."""
+    if impl in ("sdpa", "infcl") and (estimator != "infonce" or critic != "dot" or (impl == "sdpa" and dim > 256)):
         return False
     return not (impl in ("reference", "compile") and batch > MATERIALISED_MAX_B)
 
@@ -95,11 +113,14 @@ def _median_ms(step, device: str, slow: bool) -> float:
     return statistics.median(times) * 1e3
 
 
-def run_case(estimator: str, batch: int, dim: int, dtype: str, impl: str, backward: bool, device: str = "cuda") -> dict:
+def run_case(planned: PlannedCase, device: str = "cuda") -> dict:
     """One case's timing and peak memory (and, for Triton, whether its configs were autotuned)."""
-    row = {"estimator": estimator, "B": batch, "D": dim, "dtype": dtype, "impl": impl,
+    estimator, batch, dim, dtype, impl, backward, critic = planned
+    row = {"estimator": estimator, "critic": critic, "B": batch, "D": dim, "dtype": dtype, "impl": impl,
            "direction": "fwd+bwd" if backward else "fwd"}  # fmt: skip
-    case = bench.Case(estimator, n_queries=batch, dim=dim, dtype=dtype, impl=impl, backward=backward, device=device)
+    case = bench.Case(
+        estimator, n_queries=batch, dim=dim, dtype=dtype, impl=impl, backward=backward, critic=critic, device=device
+    )
     cuda = device == "cuda"
     if impl == "triton":
         row["configs"] = "autotuned" if tuning.autotune_enabled() else "default"
@@ -135,24 +156,25 @@ def run_case(estimator: str, batch: int, dim: int, dtype: str, impl: str, backwa
 def headline_cases(impls: list[str]):
     """The issue's targets. rid_fast's own cases first (seconds each, so a slow baseline compile
     cannot crowd them out of a short session): every estimator at the headline shape, then the
-    memory case; then the baselines at the headline shape, ``torch.compile`` last; then other
-    input dtypes."""
+    memory case, then the cosine critic; then the baselines at the headline shape,
+    ``torch.compile`` last; then other input dtypes."""
     b = HEADLINE_B
     if "triton" in impls:
         for estimator in ESTIMATORS:
             for backward in (True, False):
-                yield estimator, b, 128, "bfloat16", "triton", backward
-        yield "infonce", HUGE_B, 128, "bfloat16", "triton", True
+                yield PlannedCase(estimator, b, 128, "bfloat16", "triton", backward)
+        yield PlannedCase("infonce", HUGE_B, 128, "bfloat16", "triton", True)
+        yield PlannedCase("infonce", b, 128, "bfloat16", "triton", True, critic="cosine")
     baselines = sorted((i for i in impls if i != "triton"), key=lambda impl: impl == "compile")
     for backward in (True, False):
         for impl in baselines:
             # forward alone: compiling a second graph costs more than it tells
             if applies(impl, "infonce", b, 128) and (backward or impl != "compile"):
-                yield "infonce", b, 128, "bfloat16", impl, backward
+                yield PlannedCase("infonce", b, 128, "bfloat16", impl, backward)
     for dtype in ("float16", "float32"):  # Inf-CL computes in fp32 whatever its inputs: compare there too
         for impl in ("triton", "reference", "infcl"):
             if impl in impls:
-                yield "infonce", b, 128, dtype, impl, True
+                yield PlannedCase("infonce", b, 128, dtype, impl, True)
 
 
 def sweep_cases(impls: list[str]):
@@ -165,7 +187,10 @@ def sweep_cases(impls: list[str]):
                 for backward in (True, False):
                     for impl in impls:
                         if applies(impl, estimator, batch, dim):
-                            yield estimator, batch, dim, "bfloat16", impl, backward
+                            yield PlannedCase(estimator, batch, dim, "bfloat16", impl, backward)
+    if "triton" in impls:  # what normalising the rows in a separate op costs, across sizes
+        for batch in (4096, 16384, 65536, 262144, HUGE_B):
+            yield PlannedCase("infonce", batch, 128, "bfloat16", "triton", True, critic="cosine")
 
 
 def plan_cases(plan: str, impls: list[str]):
@@ -190,14 +215,14 @@ def _plot(rows: list[dict], path: Path, device_name: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for impl in sorted({r["impl"] for r in rows}):
+    for impl, critic in sorted({(r["impl"], r.get("critic", "dot")) for r in rows}):
         points = sorted(
             (r["B"], r["ms"]) for r in rows
-            if r["impl"] == impl and r["estimator"] == "infonce" and r["D"] == 128 and r["dtype"] == "bfloat16"
-            and r["direction"] == "fwd+bwd" and isinstance(r["ms"], float)
+            if (r["impl"], r.get("critic", "dot"), r["estimator"], r["D"], r["dtype"], r["direction"])
+            == (impl, critic, "infonce", 128, "bfloat16", "fwd+bwd") and isinstance(r["ms"], float)
         )  # fmt: skip
         if points:
-            ax.plot(*zip(*points), marker="o", label=impl)
+            ax.plot(*zip(*points), marker="o", label=impl if critic == "dot" else f"{impl}, {critic} critic")
     ax.set(xscale="log", yscale="log", xlabel="B = N", ylabel="ms (forward + backward)",
            title=f"InfoNCE, D = 128, bf16 — {device_name}")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
@@ -217,10 +242,11 @@ def write_results(rows: list[dict], meta: dict, out: Path, stem: str) -> None:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    header = ("estimator", "critic", "B", "D", "dtype", "direction", "impl", "configs", "ms", "TFLOP/s", "peak GB",
+              "first call s")  # fmt: skip
     lines = [f"# GPU benchmark — {meta['device']}", "", ", ".join(f"{k} {v}" for k, v in meta.items()), "",
              "TFLOP/s count 2·B·N·D (forward) and 8·B·N·D (forward + backward); peak GB above the inputs.", "",
-             "| estimator | B | D | dtype | direction | impl | configs | ms | TFLOP/s | peak GB | first call s |",
-             "|---|---:|---:|---|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
+             "| " + " | ".join(header) + " |", "|---|---|---:|---:|---|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / f"{stem}.png", meta["device"])
@@ -262,14 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     stem = "gpu_" + "".join(c if c.isalnum() else "_" for c in device_name).strip("_").lower()
 
     rows = []
-    for estimator, batch, dim, dtype, impl, backward in plan_cases(args.plan, impls):
+    for case in plan_cases(args.plan, impls):
         if time.perf_counter() - started > args.budget_s:
-            print(f"budget of {args.budget_s:.0f} s spent: stopping before {estimator} B={batch}", file=sys.stderr)
+            print(f"budget of {args.budget_s:.0f} s spent: stopping before {case.estimator} B={case.batch}",
+                  file=sys.stderr)  # fmt: skip
             break
         # Autotuning benchmarks every candidate at the launch's own size: seconds per config beyond
         # the headline size, so there the default configs run.
-        with contextlib.nullcontext() if batch <= HEADLINE_B else mock.patch.dict(os.environ, RID_FAST_AUTOTUNE="0"):
-            row = run_case(estimator, max(batch // args.scale, 2), dim, dtype, impl, backward, args.device)
+        defaults = mock.patch.dict(os.environ, RID_FAST_AUTOTUNE="0")
+        with contextlib.nullcontext() if case.batch <= HEADLINE_B else defaults:
+            row = run_case(case._replace(batch=max(case.batch // args.scale, 2)), args.device)
         rows.append(row)
         print(json.dumps(row), flush=True)
         write_results(rows, meta, args.out, stem)

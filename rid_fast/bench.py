@@ -30,7 +30,16 @@ import torch
 
 from rid_fast import functional, reference
 
-__all__ = ["Case", "IMPLS", "make_inputs", "make_step", "time_case", "peak_memory_bytes", "ESTIMATOR_OPTIONS"]
+__all__ = [
+    "Case",
+    "IMPLS",
+    "ESTIMATOR_OPTIONS",
+    "make_inputs",
+    "make_step",
+    "time_case",
+    "time_cases",
+    "peak_memory_bytes",
+]
 
 IMPLS = ("torch", "triton", "reference", "compile")
 
@@ -115,25 +124,42 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_case(case: Case, *, repeats: int = 3, warmup: int = 1) -> dict:
-    """Median wall time over ``repeats`` steps after ``warmup`` (the first warm-up step, which
-    includes any compilation, is reported as ``first_s``)."""
-    x, y = make_inputs(case)
-    step = make_step(case)
-    first = None
-    for _ in range(max(warmup, 1)):
-        start = time.perf_counter()
-        step(x, y)
-        _synchronize(case.device)
-        first = first if first is not None else time.perf_counter() - start
-    times = []
+def time_cases(cases: list[Case], *, repeats: int = 3, warmup: int = 1) -> list[dict]:
+    """Median wall time of each case over ``repeats`` steps after ``warmup`` (the first warm-up
+    step, which includes any compilation, is reported as ``first_s``). The timed steps take turns
+    across the cases — one step of each, ``repeats`` times — so that a machine whose speed drifts
+    over seconds (a shared VM, a GPU's clocks) biases their ratios less than timing them one after
+    the other would."""
+    steps = []
+    for case in cases:
+        x, y = make_inputs(case)
+        step = make_step(case)
+        first = None
+        for _ in range(max(warmup, 1)):
+            start = time.perf_counter()
+            step(x, y)
+            _synchronize(case.device)
+            first = first if first is not None else time.perf_counter() - start
+        steps.append((case, step, x, y, first))
+    times: list[list[float]] = [[] for _ in cases]
     for _ in range(repeats):
-        start = time.perf_counter()
-        step(x, y)
-        _synchronize(case.device)
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"median_s": median, "min_s": min(times), "first_s": first, "tflops": case.flops / median / 1e12}
+        for (case, step, x, y, _), case_times in zip(steps, times):
+            start = time.perf_counter()
+            step(x, y)
+            _synchronize(case.device)
+            case_times.append(time.perf_counter() - start)
+    results = []
+    for (case, *_, first), case_times in zip(steps, times):
+        median = statistics.median(case_times)
+        results.append(
+            {"median_s": median, "min_s": min(case_times), "first_s": first, "tflops": case.flops / median / 1e12}
+        )
+    return results
+
+
+def time_case(case: Case, *, repeats: int = 3, warmup: int = 1) -> dict:
+    """:func:`time_cases` of one case."""
+    return time_cases([case], repeats=repeats, warmup=warmup)[0]
 
 
 def _proc_status(field_name: str) -> int:

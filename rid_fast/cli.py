@@ -67,10 +67,10 @@ def _format_bytes(n: int | None) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Time (and optionally measure memory of) one estimator across implementations."""
-    rows = []
-    for impl in args.impl:
-        case = bench.Case(
+    """Time (and optionally measure memory of) one estimator across implementations and critics;
+    the timed steps of all of them take turns, so their ratios come from one stretch of time."""
+    cases = [
+        bench.Case(
             estimator=args.estimator,
             n_queries=args.batch,
             n_keys=args.keys,
@@ -78,21 +78,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
             impl=impl,
             dtype=args.dtype,
             backward=not args.forward_only,
-            critic=args.critic,
+            critic=critic,
             device=args.device,
         )
-        timing = bench.time_case(case, repeats=args.repeats)
-        peak = bench.peak_memory_bytes(case) if args.memory else None
-        rows.append((impl, timing, peak))
+        for impl in args.impl
+        for critic in args.critic
+    ]
+    timings = bench.time_cases(cases, repeats=args.repeats)
+    peaks = [bench.peak_memory_bytes(case) if args.memory else None for case in cases]
     direction = "forward" if args.forward_only else "forward+backward"
     print(
         f"{args.estimator} {direction}: B={args.batch} N={args.keys or args.batch} D={args.dim} "
         f"{args.dtype} on {args.device}"
     )
-    print(f"{'impl':<10} {'median ms':>10} {'first ms':>10} {'TFLOP/s':>8} {'peak':>10}")
-    for impl, timing, peak in rows:
+    print(f"{'impl':<10} {'critic':<7} {'median ms':>10} {'first ms':>10} {'TFLOP/s':>8} {'peak':>10}")
+    for case, timing, peak in zip(cases, timings, peaks):
         print(
-            f"{impl:<10} {timing['median_s'] * 1e3:>10.1f} {timing['first_s'] * 1e3:>10.1f} "
+            f"{case.impl:<10} {case.critic:<7} {timing['median_s'] * 1e3:>10.1f} {timing['first_s'] * 1e3:>10.1f} "
             f"{timing['tflops']:>8.3f} {_format_bytes(peak):>10}"
         )
     return 0
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--keys", type=int, default=None, help="N, rows of y (default: B)")
     b.add_argument("--dim", type=int, default=128, help="D, features")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    b.add_argument("--critic", default="dot", choices=["dot", "cosine"])
+    b.add_argument("--critic", nargs="+", default=["dot"], choices=["dot", "cosine"])
     b.add_argument("--impl", nargs="+", default=["torch", "reference"], choices=bench.IMPLS)
     b.add_argument("--device", default=default_device)
     b.add_argument("--repeats", type=int, default=3)

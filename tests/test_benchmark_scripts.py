@@ -22,24 +22,32 @@ pid_benchmark = _load("pid_benchmark")
 
 
 def test_headline_plan_measures_the_targets_first():
+    Case = gpu_benchmark.PlannedCase
     cases = list(gpu_benchmark.plan_cases("all", gpu_benchmark.IMPLS))
-    assert cases[0] == ("infonce", 65536, 128, "bfloat16", "triton", True)
+    assert cases[0] == Case("infonce", 65536, 128, "bfloat16", "triton", True)
     assert len(cases) == len(set(cases))
     headline = list(gpu_benchmark.plan_cases("headline", gpu_benchmark.IMPLS))
     assert cases[: len(headline)] == headline
-    assert ("infonce", 1048576, 128, "bfloat16", "triton", True) in headline
+    assert Case("infonce", 1048576, 128, "bfloat16", "triton", True) in headline
     for estimator in ("infonce_symmetric", "nwj", "dv", "smile", "js"):
-        assert (estimator, 65536, 128, "bfloat16", "triton", True) in headline
-    triton_first = [case for case in headline if case[4] == "triton"][: 2 * len(gpu_benchmark.ESTIMATORS) + 1]
+        assert Case(estimator, 65536, 128, "bfloat16", "triton", True) in headline
+    triton_first = [case for case in headline if case.impl == "triton"][: 2 * len(gpu_benchmark.ESTIMATORS) + 2]
     assert headline[: len(triton_first)] == triton_first  # rid_fast's own cases before any baseline
-    at_headline_shape = {case[4] for case in headline if case[:4] == ("infonce", 65536, 128, "bfloat16") and case[5]}
+    # the cosine critic next to the dot critic at the headline shape: the cost of normalising apart
+    assert Case("infonce", 65536, 128, "bfloat16", "triton", True, "cosine") in triton_first
+    at_headline_shape = {
+        case.impl for case in headline if case[:4] == ("infonce", 65536, 128, "bfloat16") and case.backward
+    }
     assert at_headline_shape == set(gpu_benchmark.IMPLS)
-    baselines = [case[4] for case in headline if case[4] != "triton" and case[3] == "bfloat16" and case[5]]
+    baselines = [case.impl for case in headline if case.impl != "triton" and case.dtype == "bfloat16" and case.backward]
     assert baselines[-1] == "compile"  # the slowest to start comes last
-    for estimator, batch, dim, _, impl, _ in cases:
-        assert gpu_benchmark.applies(impl, estimator, batch, dim)
-    assert not any(impl == "sdpa" and estimator != "infonce" for estimator, *_, impl, _ in cases)
-    assert max(case[1] for case in cases if case[4] in ("reference", "compile")) <= gpu_benchmark.MATERIALISED_MAX_B
+    for case in cases:
+        assert gpu_benchmark.applies(case.impl, case.estimator, case.batch, case.dim, case.critic)
+    outside = [case for case in cases if case.impl in ("sdpa", "infcl")]
+    assert {(case.estimator, case.critic) for case in outside} == {("infonce", "dot")}
+    assert {case.batch for case in cases if case.critic == "cosine"} == {4096, 16384, 65536, 262144, 1048576}
+    materialising = [case.batch for case in cases if case.impl in ("reference", "compile")]
+    assert max(materialising) <= gpu_benchmark.MATERIALISED_MAX_B
 
 
 def test_unknown_plan_is_refused():
@@ -66,8 +74,8 @@ def test_gpu_benchmark_dry_run_writes_every_case(tmp_path):
     assert code == 0
     rows = json.loads((tmp_path / "gpu_cpu.json").read_text())["rows"]
     expected = list(gpu_benchmark.plan_cases("headline", ["reference", "sdpa"]))
-    assert [(r["estimator"], r["dtype"], r["impl"], r["direction"] == "fwd+bwd") for r in rows] == [
-        (estimator, dtype, impl, backward) for estimator, _, _, dtype, impl, backward in expected
+    assert [(r["estimator"], r["critic"], r["dtype"], r["impl"], r["direction"] == "fwd+bwd") for r in rows] == [
+        (case.estimator, case.critic, case.dtype, case.impl, case.backward) for case in expected
     ]
     assert all(isinstance(r["ms"], float) and r["ms"] > 0 for r in rows), rows
     table = (tmp_path / "gpu_cpu.md").read_text()
@@ -86,7 +94,8 @@ def test_gpu_benchmark_budget_stops_before_the_next_case(tmp_path, capsys):
 
 
 def test_a_failing_case_is_recorded_not_raised():
-    row = gpu_benchmark.run_case("infonce", 16, 8, "float32", "no_such_impl", True, device="cpu")
+    case = gpu_benchmark.PlannedCase("infonce", 16, 8, "float32", "no_such_impl", True)
+    row = gpu_benchmark.run_case(case, device="cpu")
     assert row["ms"] == "error" and "impl must be one of" in row["error"]
 
 

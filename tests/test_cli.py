@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from rid_fast import bench
 from rid_fast.cli import main
 from rid_fast.train.config import load_config
 
@@ -17,6 +18,27 @@ def test_bench_small(capsys):
     assert main(["bench", "--batch", "64", "--dim", "16", "--impl", "torch", "reference", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "reference" in out and "median ms" in out
+
+
+def test_bench_compares_critics(capsys):
+    args = ["bench", "--batch", "48", "--dim", "8", "--impl", "torch", "--critic", "dot", "cosine", "--repeats", "2"]
+    assert main(args) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["torch", "dot"], ["torch", "cosine"]]
+
+
+def test_timed_steps_take_turns_across_cases(monkeypatch):
+    """Each case's timed steps alternate with the others', after every case's warm-up."""
+    calls = []
+
+    def make_step(case):
+        return lambda x, y: calls.append(case.critic)
+
+    monkeypatch.setattr(bench, "make_step", make_step)
+    cases = [bench.Case(n_queries=4, dim=2, critic=critic, device="cpu") for critic in ("dot", "cosine")]
+    timings = bench.time_cases(cases, repeats=3, warmup=2)
+    assert calls == ["dot", "dot", "cosine", "cosine"] + ["dot", "cosine"] * 3
+    assert len(timings) == 2 and all(t["min_s"] <= t["median_s"] and t["first_s"] >= 0 for t in timings)
 
 
 def test_train_and_plot(tmp_path, capsys):
