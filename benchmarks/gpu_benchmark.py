@@ -5,6 +5,8 @@
 For each (estimator, B = N, D, dtype, direction) it times and measures peak memory of:
 
 * ``triton``   — rid_fast fused kernels (``impl="triton"``);
+* ``triton_dq_sweep`` — the same with ``RID_FAST_FORWARD_KEYS=0``: training's backward sweeps for dq
+  too, instead of taking it from the weighted keys the forward forms (16-bit, D ≤ 128);
 * ``reference``— eager PyTorch that materialises the B×N scores;
 * ``compile``  — ``torch.compile`` of the reference (compile time excluded, reported separately);
 * ``sdpa``     — InfoNCE through PyTorch's flash-attention log-sum-exp (head dim ≤ 256);
@@ -65,7 +67,7 @@ from rid_fast import bench  # noqa: E402
 from rid_fast.kernels import tuning  # noqa: E402
 
 ESTIMATORS = ["infonce", "infonce_symmetric", "nwj", "dv", "smile", "js"]
-IMPLS = ["triton", "reference", "compile", "sdpa", "infcl"]
+IMPLS = ["triton", "triton_dq_sweep", "reference", "compile", "sdpa", "infcl"]
 HEADLINE_B, HUGE_B = 65536, 1048576
 MATERIALISED_MAX_B = 131072  # the B×N baselines need B² scores: not beyond this
 COLUMNS = ("estimator", "critic", "B", "D", "dtype", "direction", "impl", "configs", "ms", "tflops", "peak_gb",
@@ -92,9 +94,12 @@ def _baseline(impl: str):
 
 def applies(impl: str, estimator: str, batch: int, dim: int, critic: str = "dot") -> bool:
     """Whether ``impl`` computes ``estimator`` at this size (SDPA and Inf-CL: InfoNCE with the dot
-    critic only; SDPA: head dim ≤ 256; the materialising baselines: B ≤ 131072)."""
+    critic only; SDPA: head dim ≤ 256; the materialising baselines: B ≤ 131072; turning the
+    weighted keys off: D ≤ 128, one-sided estimators)."""
     if impl in ("sdpa", "infcl") and (estimator != "infonce" or critic != "dot" or (impl == "sdpa" and dim > 256)):
         return False
+    if impl == "triton_dq_sweep" and (dim > 128 or estimator == "infonce_symmetric"):
+        return False  # no weighted keys to turn off
     return not (impl in ("reference", "compile") and batch > MATERIALISED_MAX_B)
 
 
@@ -115,6 +120,9 @@ def _median_ms(step, device: str, slow: bool) -> float:
 
 def run_case(planned: PlannedCase, device: str = "cuda") -> dict:
     """One case's timing and peak memory (and, for Triton, whether its configs were autotuned)."""
+    if planned.impl == "triton_dq_sweep":
+        with mock.patch.dict(os.environ, RID_FAST_FORWARD_KEYS="0"):
+            return run_case(planned._replace(impl="triton"), device) | {"impl": planned.impl}
     estimator, batch, dim, dtype, impl, backward, critic = planned
     row = {"estimator": estimator, "critic": critic, "B": batch, "D": dim, "dtype": dtype, "impl": impl,
            "direction": "fwd+bwd" if backward else "fwd"}  # fmt: skip
@@ -165,7 +173,10 @@ def headline_cases(impls: list[str]):
                 yield PlannedCase(estimator, b, 128, "bfloat16", "triton", backward)
         yield PlannedCase("infonce", HUGE_B, 128, "bfloat16", "triton", True)
         yield PlannedCase("infonce", b, 128, "bfloat16", "triton", True, critic="cosine")
-    baselines = sorted((i for i in impls if i != "triton"), key=lambda impl: impl == "compile")
+    if "triton_dq_sweep" in impls:  # training without the forward's weighted keys, for comparison
+        for estimator in ("infonce", "smile", "js"):
+            yield PlannedCase(estimator, b, 128, "bfloat16", "triton_dq_sweep", True)
+    baselines = sorted((i for i in impls if not i.startswith("triton")), key=lambda impl: impl == "compile")
     for backward in (True, False):
         for impl in baselines:
             # forward alone: compiling a second graph costs more than it tells
@@ -186,7 +197,8 @@ def sweep_cases(impls: list[str]):
                     continue
                 for backward in (True, False):
                     for impl in impls:
-                        if applies(impl, estimator, batch, dim):
+                        # the forward alone is the same with and without the keys
+                        if applies(impl, estimator, batch, dim) and (backward or impl != "triton_dq_sweep"):
                             yield PlannedCase(estimator, batch, dim, "bfloat16", impl, backward)
     if "triton" in impls:  # what normalising the rows in a separate op costs, across sizes
         for batch in (4096, 16384, 65536, 262144, HUGE_B):

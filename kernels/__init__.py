@@ -18,9 +18,12 @@ else:
     UNAVAILABLE_REASON = ""
 
 if AVAILABLE:
+    import torch
+
     from rid_fast.streaming import diagonal_scores
 
     from .score_kernels import row_stats, weighted_grads
+    from .score_kernels import weighted_keys_in_forward as weighted_keys_in_forward  # used by rid_fast.functional
 
     # Same functions, argument order and meaning as rid_fast.streaming (see rid_fast.ops).
 
@@ -56,3 +59,39 @@ if AVAILABLE:
 
     def softplus_negatives_backward(grad, q, k, scale):
         return weighted_grads(q, k, scale, mode="softplus_negatives", row_grad=grad)
+
+    # The row ops with the weighted keys u from the forward (rid_fast.ops): W k = a ⊙ u, so the
+    # backward sweeps only for dk.
+
+    def _keys_times(grad, keys):
+        return grad.float()[:, None] * keys
+
+    def cross_entropy_rows_with_weighted_keys_forward(q, k, scale):
+        lse, keys = row_stats(q, k, scale, reduction="lse", mask_diagonal=False, weighted_keys=True)
+        positives = diagonal_scores(q, k, scale)
+        # W_ii = a_i (p_ii − 1) = a_i expm1(S_ii − ℓ_i): precise also where p_ii is within an
+        # ulp of 1, which u (weights rounded to the inputs' dtype for the MMA) could not carry.
+        return lse - positives, keys + torch.expm1(positives - lse)[:, None] * k[: q.shape[0]].float()
+
+    def cross_entropy_rows_with_weighted_keys_backward(grad, q, k, scale, loss, keys):
+        lse = loss + diagonal_scores(q, k, scale)
+        return weighted_grads(
+            q, k, scale, mode="ce_rows", row_stat=lse, row_grad=grad, weighted_keys=_keys_times(grad, keys)
+        )
+
+    def lse_negatives_with_weighted_keys_forward(q, k, scale, clip=None):
+        return row_stats(q, k, scale, reduction="lse", mask_diagonal=True, clip=clip, weighted_keys=True)
+
+    def lse_negatives_with_weighted_keys_backward(grad, q, k, scale, lse, keys, clip=None):
+        return weighted_grads(
+            q, k, scale, mode="lse_negatives", row_stat=lse, row_grad=grad, clip=clip,
+            weighted_keys=_keys_times(grad, keys),
+        )  # fmt: skip
+
+    def softplus_negatives_with_weighted_keys_forward(q, k, scale):
+        return row_stats(q, k, scale, reduction="softplus", mask_diagonal=True, weighted_keys=True)
+
+    def softplus_negatives_with_weighted_keys_backward(grad, q, k, scale, sums, keys):
+        return weighted_grads(
+            q, k, scale, mode="softplus_negatives", row_grad=grad, weighted_keys=_keys_times(grad, keys)
+        )

@@ -38,8 +38,10 @@ _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _INPUTS = {"q_ptr": "*in", "k_ptr": "*in", "scale_ptr": "*fp32"}
 _SIZES = {"n_rows": "i32", "n_cols": "i32", "dim": "i32", "clip": "fp32"}
 _STATS = {"row_stat_ptr": "*fp32", "row_grad_ptr": "*fp32", "col_stat_ptr": "*fp32", "col_grad_ptr": "*fp32"}
+_FORWARD = {**_INPUTS, "out_ptr": "*fp32", "keys_ptr": "*fp32", **_SIZES}
 _SIGNATURES = {
-    "row_stats_fwd": (score_kernels._row_stats_fwd, {**_INPUTS, "out_ptr": "*fp32", **_SIZES}),
+    "row_stats_fwd": (score_kernels._row_stats_fwd, _FORWARD),
+    "row_stats_keys_fwd": (score_kernels._row_stats_fwd, _FORWARD),
     "grad_q": (score_kernels._grad_q_kernel, {**_INPUTS, "dq_ptr": "*fp32", **_STATS, **_SIZES}),
     "grad_k": (score_kernels._grad_k_kernel, {**_INPUTS, "dk_ptr": "*in", **_STATS, **_SIZES}),
 }
@@ -131,7 +133,7 @@ def compile_kernel(
         "SINGLE_K": dim <= chunk,
         "INPUT_PRECISION": precision if dtype == "float32" else "tf32",
     }
-    if kernel != "row_stats_fwd":
+    if kernel in ("grad_q", "grad_k"):
         all_constexprs["BLOCK_DV"] = tuning.block_dv(dim, torch_dtype)
     signature.update({name: "constexpr" for name in all_constexprs})
     names = list(fn.arg_names)
@@ -164,12 +166,15 @@ def compile_kernel(
 
 # The constexpr variants compiled per kernel: the heaviest of each family (most live values), and
 # InfoNCE's forward, the headline case.
+_FORWARD_VARIANTS = {
+    "lse": {"REDUCTION": 0, "MASK_DIAGONAL": False, "CLIP": False},  # InfoNCE: the headline case
+    "lse_masked_clipped": {"REDUCTION": 0, "MASK_DIAGONAL": True, "CLIP": True},
+    "softplus_masked": {"REDUCTION": 1, "MASK_DIAGONAL": True, "CLIP": False},
+}
 _VARIANTS = {
-    "row_stats_fwd": {
-        "lse": {"REDUCTION": 0, "MASK_DIAGONAL": False, "CLIP": False},  # InfoNCE: the headline case
-        "lse_masked_clipped": {"REDUCTION": 0, "MASK_DIAGONAL": True, "CLIP": True},
-        "softplus_masked": {"REDUCTION": 1, "MASK_DIAGONAL": True, "CLIP": False},
-    },
+    "row_stats_fwd": {name: {**c, "WEIGHTED_KEYS": False} for name, c in _FORWARD_VARIANTS.items()},
+    # Training's forward, which also sums the weighted keys: every variant is used.
+    "row_stats_keys_fwd": {name: {**c, "WEIGHTED_KEYS": True} for name, c in _FORWARD_VARIANTS.items()},
     "grad_q": {
         "ce_rows_cols": {"MODE": 1, "CLIP": False, "COLUMN_STATS": True},
         "lse_negatives_clipped": {"MODE": 2, "CLIP": True, "COLUMN_STATS": False},
@@ -191,6 +196,8 @@ def sweep(arch: int, dims=(128, 512)) -> list[dict]:
         for variant, constexprs in variants.items():
             for dtype, precision in precisions:
                 for dim in dims:
+                    if kernel == "row_stats_keys_fwd" and dim > 128:
+                        continue  # D ≤ 128 only (score_kernels.weighted_keys_in_forward)
                     for config in tuning.candidate_configs(kernel, getattr(torch, dtype)):
                         jobs.append(dict(kernel=kernel, arch=arch, dtype=dtype, dim=dim, config=config,
                                          constexprs=constexprs, variant=variant, precision=precision))  # fmt: skip

@@ -14,6 +14,16 @@ a loop of their own without the comparisons and selects.
   rescaled sum; ``MASK_DIAGONAL`` drops :math:`j = i`, ``CLIP`` clamps scores to ±clip;
 * ``REDUCTION = SOFTPLUS``: :math:`\sum_j \mathrm{softplus}(S_{ij})` (``MASK_DIAGONAL`` as above).
 
+With ``WEIGHTED_KEYS`` (16-bit inputs, D ≤ 128: the whole feature row in one tile) the forward also
+writes :math:`u_i = \sum_{j\ne i} \tilde w_{ij} k_j`, the keys weighted by the row's share of the
+gradient — :math:`\tilde w_{ij} = e^{c(S_{ij})-\ell_i} c'(S_{ij})` for LSE (the softmax; the
+accumulator is rescaled with the running maximum, as attention's output is), :math:`\sigma(S_{ij})`
+for SOFTPLUS — from the k tile it already holds for the scores. For every row loss here
+:math:`W_{ij} = a_i \tilde w_{ij}` off the diagonal, so :math:`dq_i = \sigma a_i u_i` (plus, for
+InfoNCE, :math:`\sigma a_i (p_{ii} - 1) k_i`, formed outside with ``expm1`` so that a confident
+positive keeps its relative precision) needs no second sweep: training then costs four matrix
+products and two exponentials per score (forward, and the dk kernel) instead of five and three.
+
 Column statistics are row statistics of :math:`S^\top = k q^\top`: the launcher swaps ``q``, ``k``.
 
 **Backward** — the gradient of any of the losses is :math:`dq = \sigma W k`, :math:`dk = \sigma W^\top q`,
@@ -38,6 +48,8 @@ masked for ragged B, N, D, no Python control flow on tensor values.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -86,11 +98,12 @@ def _score_tile(
 
 
 @triton.jit
-def _softplus(x):
-    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), with log1p's small-argument series inline."""
+def _softplus_with_exp(x):
+    """(log(1 + e^x), e^-|x|): softplus as max(x, 0) + log1p(e^-|x|), with log1p's small-argument
+    series inline, and the exponential it used (σ(x) is (1 or e^-|x|) / (1 + e^-|x|))."""
     e = tl.exp2(-tl.abs(x) * LOG2E)
     log1p_e = tl.where(e < 1e-4, e - 0.5 * e * e, tl.log(1.0 + e))
-    return tl.maximum(x, 0.0) + log1p_e
+    return tl.maximum(x, 0.0) + log1p_e, e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,9 +133,9 @@ def _column_split(row0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, n_cols, BA
 @triton.jit
 def _fold_columns(
     q_ptr, k_ptr, q_block, offs_m, start, stop, gap_at, gap, n_rows, n_cols, dim, scale, clip,
-    running_max, running_sum,
+    running_max, running_sum, weighted_keys,
     REDUCTION: tl.constexpr, MASK_DIAGONAL: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WEIGHTED_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Fold column tiles into the running row statistics: those at positions [start, stop), with
@@ -132,23 +145,32 @@ def _fold_columns(
     position), so that σ folds into the exponent, one FMA per score: e^{σx − σm} =
     2^{x·σlog₂e − m·σlog₂e}. With CLIP, x = clamp(σ q·k, ±clip) in the scores' own units. Only
     MASKED tiles (the ragged last one, those crossing the diagonal when it is dropped) pay for
-    the comparisons and selects of masking.
+    the comparisons and selects of masking. WEIGHTED_KEYS (needs SINGLE_K, and the diagonal band
+    among the MASKED tiles) also accumulates Σ_{j≠i} w̃_ij k_j into ``weighted_keys``
+    (BLOCK_M, BLOCK_K), unnormalised for LSE.
     """
     exp2_scale = LOG2E if CLIP else scale * LOG2E
     for position in range(start, stop, BLOCK_N):
         offs_n = position + tl.where(position >= gap_at, gap, 0) + tl.arange(0, BLOCK_N)
-        x = _score_tile(
-            q_ptr, k_ptr, q_block, offs_m, offs_n, n_rows, n_cols, dim,
-            BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
-        )  # fmt: skip
+        if WEIGHTED_KEYS:  # the k tile serves the scores and the weighted sum
+            k_block = _load_block(k_ptr, offs_n, tl.arange(0, BLOCK_K), n_cols, dim, dim)
+            x = tl.dot(q_block, tl.trans(k_block), input_precision=INPUT_PRECISION)
+        else:
+            x = _score_tile(
+                q_ptr, k_ptr, q_block, offs_m, offs_n, n_rows, n_cols, dim,
+                BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
+            )  # fmt: skip
         if CLIP or REDUCTION == SOFTPLUS:
             x = scale * x
         if CLIP:
+            if WEIGHTED_KEYS:
+                passes = (x >= -clip) & (x <= clip)  # where the clamp passes gradient, ends included
             x = tl.minimum(tl.maximum(x, -clip), clip)
         if MASKED:
             keep = offs_n[None, :] < n_cols
+            keep_keys = keep & (offs_m[:, None] != offs_n[None, :])  # u leaves the diagonal out
             if MASK_DIAGONAL:
-                keep = keep & (offs_m[:, None] != offs_n[None, :])
+                keep = keep_keys
         if REDUCTION == LSE:
             if MASKED:
                 x = tl.where(keep, x, float("-inf"))
@@ -158,15 +180,27 @@ def _fold_columns(
                 new_max_shift = tl.where(new_max == float("-inf"), 0.0, new_max) * exp2_scale
             else:
                 new_max_shift = new_max * exp2_scale
-            running_sum = running_sum * tl.exp2(running_max * exp2_scale - new_max_shift)
-            running_sum += tl.sum(tl.exp2(x * exp2_scale - new_max_shift[:, None]), axis=1)
+            rescale = tl.exp2(running_max * exp2_scale - new_max_shift)
+            terms = tl.exp2(x * exp2_scale - new_max_shift[:, None])
+            running_sum = running_sum * rescale + tl.sum(terms, axis=1)
             running_max = new_max
+            if WEIGHTED_KEYS:
+                if CLIP:
+                    terms = tl.where(passes, terms, 0.0)
+                if MASKED and not MASK_DIAGONAL:
+                    terms = tl.where(keep_keys, terms, 0.0)
+                weighted_keys = tl.dot(terms.to(k_block.dtype), k_block, weighted_keys * rescale[:, None])
         else:
-            terms = _softplus(x)
+            terms, e = _softplus_with_exp(x)
             if MASKED:
                 terms = tl.where(keep, terms, 0.0)
             running_sum += tl.sum(terms, axis=1)
-    return running_max, running_sum
+            if WEIGHTED_KEYS:
+                weights = tl.where(x >= 0.0, 1.0, e) / (1.0 + e)  # σ(x) from softplus's exponential
+                if MASKED:
+                    weights = tl.where(keep_keys, weights, 0.0)
+                weighted_keys = tl.dot(weights.to(k_block.dtype), k_block, weighted_keys)
+    return running_max, running_sum, weighted_keys
 
 
 @triton.jit
@@ -174,9 +208,10 @@ def _row_stats_fwd(
     q_ptr, k_ptr,  # (n_rows, dim), (n_cols, dim): statistics are per row of q, k streams past
     scale_ptr,  # () fp32 inverse temperature σ
     out_ptr,  # (n_rows,) fp32 statistic per row
+    keys_ptr,  # (n_rows, dim) fp32 weighted keys u, written when WEIGHTED_KEYS
     n_rows, n_cols, dim,
     clip,  # fp32 clamp bound, read when CLIP
-    REDUCTION: tl.constexpr, MASK_DIAGONAL: tl.constexpr, CLIP: tl.constexpr,
+    REDUCTION: tl.constexpr, MASK_DIAGONAL: tl.constexpr, CLIP: tl.constexpr, WEIGHTED_KEYS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -186,28 +221,38 @@ def _row_stats_fwd(
     q_block = _load_block(q_ptr, offs_m, tl.arange(0, BLOCK_K), n_rows, dim, dim) if SINGLE_K else None
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    weighted_keys = tl.zeros((BLOCK_M, BLOCK_K) if WEIGHTED_KEYS else (BLOCK_M,), dtype=tl.float32)
     # Unmasked tiles get a loop of their own where the ALU work per score is what bounds the
     # kernel: LSE on 16-bit inputs (tensor cores at full rate). Softplus spends a logarithm per
     # score, which dwarfs masking (7 % of its loop); fp32 inputs run the dot at a fraction of that
     # rate. One masked loop keeps their code smaller (and the fp32 variants free of spills).
     if REDUCTION == LSE and q_ptr.dtype.element_ty != tl.float32:
-        start, stop, gap_at, gap = _column_split(row0, BLOCK_M, BLOCK_N, n_cols, MASK_DIAGONAL, False)
-        running_max, running_sum = _fold_columns(
+        band = MASK_DIAGONAL or WEIGHTED_KEYS  # tiles holding the diagonal need its mask
+        start, stop, gap_at, gap = _column_split(row0, BLOCK_M, BLOCK_N, n_cols, band, False)
+        running_max, running_sum, weighted_keys = _fold_columns(
             q_ptr, k_ptr, q_block, offs_m, start, stop, gap_at, gap, n_rows, n_cols, dim, scale, clip, running_max,
-            running_sum, REDUCTION, MASK_DIAGONAL, CLIP, False, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
+            running_sum, weighted_keys, REDUCTION, MASK_DIAGONAL, CLIP, False, WEIGHTED_KEYS,
+            BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
         )
-        start, stop, gap_at, gap = _column_split(row0, BLOCK_M, BLOCK_N, n_cols, MASK_DIAGONAL, True)
+        start, stop, gap_at, gap = _column_split(row0, BLOCK_M, BLOCK_N, n_cols, band, True)
     else:
         start, stop, gap_at, gap = 0, n_cols, n_cols, 0
-    running_max, running_sum = _fold_columns(
+    running_max, running_sum, weighted_keys = _fold_columns(
         q_ptr, k_ptr, q_block, offs_m, start, stop, gap_at, gap, n_rows, n_cols, dim, scale, clip, running_max,
-        running_sum, REDUCTION, MASK_DIAGONAL, CLIP, True, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
+        running_sum, weighted_keys, REDUCTION, MASK_DIAGONAL, CLIP, True, WEIGHTED_KEYS,
+        BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
     )
     if REDUCTION == LSE:
         result = running_max * (1.0 if CLIP else scale) + tl.log(running_sum)
     else:
         result = running_sum
     tl.store(out_ptr + offs_m, result, mask=offs_m < n_rows)
+    if WEIGHTED_KEYS:
+        if REDUCTION == LSE:  # the softmax's normaliser (a row with no entries keeps u = 0)
+            weighted_keys = weighted_keys / tl.where(running_sum > 0.0, running_sum, 1.0)[:, None]
+        offs_k = tl.arange(0, BLOCK_K)
+        pointers = keys_ptr + offs_m.to(tl.int64)[:, None] * dim + offs_k[None, :]
+        tl.store(pointers, weighted_keys, mask=(offs_m[:, None] < n_rows) & (offs_k[None, :] < dim))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +379,13 @@ def _grad_k_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-_RAW = {"row_stats_fwd": _row_stats_fwd, "grad_q": _grad_q_kernel, "grad_k": _grad_k_kernel}
+# The forward with WEIGHTED_KEYS holds a (BLOCK_M, D) accumulator more: it gets candidates of its own.
+_RAW = {
+    "row_stats_fwd": _row_stats_fwd,
+    "row_stats_keys_fwd": _row_stats_fwd,
+    "grad_q": _grad_q_kernel,
+    "grad_k": _grad_k_kernel,
+}
 
 
 def _prune_for(kernel: str):
@@ -375,6 +426,20 @@ def _scale_tensor(scale: torch.Tensor) -> torch.Tensor:
     return scale.reshape(1).float().contiguous()
 
 
+def _keys_fit(q: torch.Tensor) -> bool:
+    """16-bit inputs whose feature rows fit one tile (D ≤ 128), where the k tile held for the
+    scores feeds the tensor cores a second time. Wider rows would need a (BLOCK_M, D) accumulator
+    past the register file; fp32 operands take twice the registers."""
+    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[1] <= 128
+
+
+def weighted_keys_in_forward(q: torch.Tensor) -> bool:
+    """Whether training's forward also forms the weighted keys u (see the module notes): where
+    they fit, unless ``RID_FAST_FORWARD_KEYS=0`` (the backward then sweeps for dq as well; e.g. to
+    compare the two on a GPU)."""
+    return os.environ.get("RID_FAST_FORWARD_KEYS", "1") != "0" and _keys_fit(q)
+
+
 def row_stats(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -383,19 +448,25 @@ def row_stats(
     reduction: str,
     mask_diagonal: bool,
     clip: float | None = None,
-) -> torch.Tensor:
-    """Per-row ``"lse"`` or ``"softplus"`` statistic of S = σ q kᵀ (see the module notes). (B,) fp32."""
+    weighted_keys: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``"lse"`` or ``"softplus"`` statistic of S = σ q kᵀ (see the module notes), (B,) fp32;
+    with ``weighted_keys`` (16-bit inputs, D ≤ 128) also u, (B, D) fp32."""
     q, k = q.contiguous(), k.contiguous()
     n_rows, dim = q.shape
     out = torch.empty(n_rows, device=q.device, dtype=torch.float32)
+    if weighted_keys and not _keys_fit(q):
+        raise ValueError(f"weighted keys need 16-bit inputs with D <= 128; got {q.dtype}, D = {dim}")
+    keys = torch.empty((n_rows, dim) if weighted_keys else (1,), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)  # noqa: E731
     _launch(
-        "row_stats_fwd", grid, q, k, _scale_tensor(scale), out, n_rows, k.shape[0], dim, float(clip or 0.0),
+        "row_stats_keys_fwd" if weighted_keys else "row_stats_fwd",
+        grid, q, k, _scale_tensor(scale), out, keys, n_rows, k.shape[0], dim, float(clip or 0.0),
         dtype=q.dtype,
         REDUCTION={"lse": 0, "softplus": 1}[reduction], MASK_DIAGONAL=mask_diagonal, CLIP=clip is not None,
-        **_shape_constants(q),
+        WEIGHTED_KEYS=weighted_keys, **_shape_constants(q),
     )  # fmt: skip
-    return out
+    return (out, keys) if weighted_keys else out
 
 
 MODES = {"ce_rows": 0, "ce_rows_cols": 1, "lse_negatives": 2, "softplus_negatives": 3}
@@ -412,8 +483,10 @@ def weighted_grads(
     col_grad: torch.Tensor | None = None,
     col_stat: torch.Tensor | None = None,
     clip: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dσ)`` for the ``mode``'s weights W: σ W k, σ Wᵀ q and Σ_i q_i·(W k)_i."""
+    weighted_keys: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dσ)`` for the ``mode``'s weights W: σ W k, σ Wᵀ q and Σ_i q_i·(W k)_i.
+    ``weighted_keys``, W k (B, D) fp32 when the forward already formed it, spares the dq sweep."""
     q, k = q.contiguous(), k.contiguous()
     (n_rows, dim), n_cols = q.shape, k.shape[0]
 
@@ -421,7 +494,6 @@ def weighted_grads(
         return (t if t is not None else torch.zeros(n, device=q.device)).float().contiguous()
 
     stats = (stat(row_stat, n_rows), stat(row_grad, n_rows), stat(col_stat, n_cols), stat(col_grad, n_cols))
-    weighted_keys = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # W k
     dk = torch.empty_like(k)
     sigma = _scale_tensor(scale)
     dv = tuning.block_dv(dim, q.dtype)
@@ -431,7 +503,9 @@ def weighted_grads(
     grid_q = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(dim, dv))  # noqa: E731
     grid_k = lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), triton.cdiv(dim, dv))  # noqa: E731
     scalars = (n_rows, n_cols, dim, float(clip or 0.0))
-    _launch("grad_q", grid_q, q, k, sigma, weighted_keys, *stats, *scalars, dtype=q.dtype, **constants)
+    if weighted_keys is None:
+        weighted_keys = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # W k
+        _launch("grad_q", grid_q, q, k, sigma, weighted_keys, *stats, *scalars, dtype=q.dtype, **constants)
     _launch("grad_k", grid_k, q, k, sigma, dk, *stats, *scalars, dtype=q.dtype, **constants)
     d_scale = (q.float() * weighted_keys).sum()
     return (weighted_keys * sigma).to(q.dtype), dk, d_scale

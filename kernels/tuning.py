@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 #: The kernels, by the names used here and in the AOT checks.
-KERNELS = ("row_stats_fwd", "grad_q", "grad_k")
+KERNELS = ("row_stats_fwd", "row_stats_keys_fwd", "grad_q", "grad_k")
 
 
 def interpreting() -> bool:
@@ -81,6 +81,8 @@ def _grid(shapes, stages) -> list[triton.Config]:
 
 _CANDIDATES = {
     ("row_stats_fwd", "16bit"): _grid(((128, 64, 8), (128, 128, 8)), (2, 3)),
+    # The forward that also sums the weighted keys: 16-bit, D ≤ 128 only (no fp32 candidates).
+    ("row_stats_keys_fwd", "16bit"): _grid(((128, 64, 8), (64, 64, 4)), (2, 3)),
     ("grad_q", "16bit"): _grid(((128, 64, 8), (64, 128, 8), (64, 64, 8)), (2, 3)),
     ("grad_k", "16bit"): _grid(((64, 64, 4), (128, 64, 8)), (2, 3)),
     ("row_stats_fwd", "fp32"): _grid(((64, 64, 8), (64, 64, 4), (32, 32, 4)), (2,)),
@@ -90,6 +92,7 @@ _CANDIDATES = {
 
 _DEFAULTS = {
     ("row_stats_fwd", "16bit"): _config(128, 64, 8, 3),
+    ("row_stats_keys_fwd", "16bit"): _config(128, 64, 8, 3),
     ("grad_q", "16bit"): _config(128, 64, 8, 3),
     ("grad_k", "16bit"): _config(64, 64, 4, 3),
     ("row_stats_fwd", "fp32"): _config(64, 64, 8, 2),
@@ -107,7 +110,7 @@ def _precision_class(dtype: torch.dtype) -> str:
 
 def candidate_configs(kernel: str, dtype: torch.dtype) -> list[triton.Config]:
     """Configs the autotuner may pick for ``kernel`` with inputs of ``dtype`` on a GPU."""
-    return _CANDIDATES[(kernel, _precision_class(dtype))]
+    return _CANDIDATES.get((kernel, _precision_class(dtype)), [])
 
 
 def default_config(kernel: str, dtype: torch.dtype) -> triton.Config:
@@ -124,6 +127,6 @@ def all_candidates(kernel: str) -> list[triton.Config]:
     per launch by :func:`candidate_configs`)."""
     unique = {}
     for cls in ("16bit", "fp32"):
-        for config in _CANDIDATES[(kernel, cls)]:
+        for config in _CANDIDATES.get((kernel, cls), []):
             unique.setdefault(config_key(config), config)
     return list(unique.values())

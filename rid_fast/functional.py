@@ -14,7 +14,9 @@ inputs).
   memory O((B+N)·D + block²) (one-sided InfoNCE under autograd: gradients computed in the
   forward's sweep over strips of whole rows, O((B+N)·D + strip), where the strips are thick
   enough to pay — see :func:`rid_fast.streaming.one_sweep_pays`);
-* ``"triton"`` — fused Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
+* ``"triton"`` — fused Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``); under
+  autograd with 16-bit inputs and D ≤ 128 the forward of the one-sided estimators also forms
+  dq's weighted keys, so the backward sweeps once (for dk) instead of twice;
 * ``"reference"`` — plain PyTorch that materialises the B×N scores (the oracle, for tests).
 
 ``check_values`` (default True) rejects NaN/Inf inputs and a non-positive tensor temperature; it
@@ -52,10 +54,26 @@ __all__ = ["ESTIMATORS", "infonce", "nwj", "dv", "smile", "js", "mi_bound"]
 # ---- estimator terms from the factors of S = σ q kᵀ (streaming / Triton backends) ----------
 
 
+def _wants_grad(q: Tensor, k: Tensor, scale: Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or scale.requires_grad)
+
+
+def _row_statistic(op: Callable, weighted_op: Callable, q: Tensor, k: Tensor, scale: Tensor, *args) -> Tensor:
+    """``op(q, k, scale, *args)`` — or, when training on the Triton backend where the forward can
+    also form dq's weighted keys, the same statistic from ``weighted_op`` (whose backward then
+    sweeps only for dk). ``args`` end with the backend."""
+    if args[-1] == "triton" and _wants_grad(q, k, scale):
+        from rid_fast.kernels import weighted_keys_in_forward
+
+        if weighted_keys_in_forward(q):
+            return weighted_op(q, k, scale, *args)[0]
+    return op(q, k, scale, *args)
+
+
 def log_mean_exp_negatives(q: Tensor, k: Tensor, scale: Tensor, backend: str, clip: float | None = None) -> Tensor:
     r""":math:`\log \operatorname{mean}_{i\ne j} e^{c(s_{ij})}` from per-row off-diagonal log-sum-exps."""
     n_queries, n_keys = q.shape[0], k.shape[0]
-    row_lse = ops.lse_negatives(q, k, scale, clip, backend)  # (B,) over j ≠ i
+    row_lse = _row_statistic(ops.lse_negatives, ops.lse_negatives_with_weighted_keys, q, k, scale, clip, backend)
     # O(B) work: combine the rows in float64 so that only the per-row statistics carry fp32 roundoff
     # (NWJ exponentiates this value, turning absolute error into relative error).
     total = torch.logsumexp(row_lse.double(), dim=0) - math.log(n_queries * (n_keys - 1))
@@ -65,8 +83,7 @@ def log_mean_exp_negatives(q: Tensor, k: Tensor, scale: Tensor, backend: str, cl
 def _one_sweep(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> bool:
     """Train InfoNCE with gradients from the forward's sweep (streaming backend, autograd on, and
     a shape where that is faster)."""
-    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or scale.requires_grad)
-    return backend == "torch" and wants_grad and one_sweep_pays(q.shape[0], k.shape[0], q.dtype)
+    return backend == "torch" and _wants_grad(q, k, scale) and one_sweep_pays(q.shape[0], k.shape[0], q.dtype)
 
 
 def _infonce_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str, symmetric: bool = False) -> Tensor:
@@ -78,7 +95,7 @@ def _infonce_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str, symmetri
         # Training on the streaming path: the gradients come from the forward's own sweep.
         loss = ops.cross_entropy_rows_mean_with_grad(q, k, scale)[0]
     else:
-        loss = ops.cross_entropy_rows(q, k, scale, backend)
+        loss = _row_statistic(ops.cross_entropy_rows, ops.cross_entropy_rows_with_weighted_keys, q, k, scale, backend)
     return math.log(k.shape[0]) - loss.mean()
 
 
@@ -98,7 +115,8 @@ def _smile_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str, clip: floa
 def _js_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> Tensor:
     n_queries, n_keys = q.shape[0], k.shape[0]
     positives = -F.softplus(-diagonal_scores(q, k, scale)).mean()
-    negatives = ops.softplus_negatives(q, k, scale, backend).sum() / (n_queries * (n_keys - 1))
+    sums = _row_statistic(ops.softplus_negatives, ops.softplus_negatives_with_weighted_keys, q, k, scale, backend)
+    negatives = sums.sum() / (n_queries * (n_keys - 1))
     return positives - negatives
 
 

@@ -29,6 +29,11 @@ cross_entropy_rows_mean_with_grad  the mean of the first, gradients computed    
 lse_negatives          :math:`\log\sum_{j\ne i} e^{c(S_{ij})}` (clip c)        NWJ, DV, SMILE, MINE
 softplus_negatives     :math:`\sum_{j\ne i}\mathrm{softplus}(S_{ij})`          JS
 =====================  =====================================================  ================
+
+``<op>_with_weighted_keys`` (for the three row ops; ``"triton"`` backend, 16-bit inputs, D ≤ 128)
+returns the op's statistic and, as a second, non-differentiable output, the keys weighted by each
+row's share of the gradient, :math:`u_i` (B, D) fp32 (see :mod:`rid_fast.kernels.score_kernels`),
+formed in the forward's sweep; its backward takes dq from them and sweeps only for dk.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ __all__ = [
     "cross_entropy_rows_mean_with_grad",
     "lse_negatives",
     "softplus_negatives",
+    "cross_entropy_rows_with_weighted_keys",
+    "lse_negatives_with_weighted_keys",
+    "softplus_negatives_with_weighted_keys",
 ]
 
 
@@ -60,24 +68,41 @@ def _backend(name: str) -> ModuleType:
     raise ValueError(f"backend must be 'torch' or 'triton'; got {name!r}")
 
 
-def _define(name: str, *, outputs: tuple[str, ...], options: tuple[str, ...] = (), saves_outputs: bool = True):
+def _define(
+    name: str,
+    *,
+    outputs: tuple[str, ...],
+    options: tuple[str, ...] = (),
+    saves_outputs: bool = True,
+    weighted_keys: bool = False,
+):
     """Define ``rid_fast::<name>`` and ``rid_fast::<name>_backward`` with fakes and autograd.
 
     ``outputs`` names each output's length, ``"rows"`` (B) or ``"cols"`` (N); ``options`` are
-    extra schema arguments (e.g. ``"float? clip"``) passed through to the backend.
+    extra schema arguments (e.g. ``"float? clip"``) passed through to the backend. With
+    ``weighted_keys`` the op is ``<name>_with_weighted_keys``: one more output, u (B, D) in the
+    compute dtype, saved for the backward and not differentiable.
     """
+    if weighted_keys:
+        name, saves_outputs = f"{name}_with_weighted_keys", True
+    n_results = len(outputs) + weighted_keys
     option_schema = "".join(f", {option}" for option in options)
-    output_schema = "Tensor" if len(outputs) == 1 else "(" + ", ".join("Tensor" for _ in outputs) + ")"
+    output_schema = "Tensor" if n_results == 1 else "(" + ", ".join("Tensor" for _ in range(n_results)) + ")"
 
     def forward_impl(q, k, scale, *rest):
         *opts, backend = rest
-        return getattr(_backend(backend), f"{name}_forward")(q, k, scale, *opts)
+        implementation = getattr(_backend(backend), f"{name}_forward", None)
+        if implementation is None:
+            raise ValueError(f"rid_fast::{name} has no {backend!r} backend")
+        return implementation(q, k, scale, *opts)
 
     def forward_fake(q, k, scale, *rest):
         stats = tuple(
             q.new_empty((q.shape[0] if length == "rows" else k.shape[0],), dtype=compute_dtype(q.dtype))
             for length in outputs
         )
+        if weighted_keys:
+            stats += (q.new_empty(q.shape, dtype=compute_dtype(q.dtype)),)
         return stats[0] if len(stats) == 1 else stats
 
     def backward_impl(grads, q, k, scale, saved, *rest):
@@ -107,11 +132,14 @@ def _define(name: str, *, outputs: tuple[str, ...], options: tuple[str, ...] = (
     def setup_context(ctx, inputs, output):
         q, k, scale, *rest = inputs
         saved = (output if isinstance(output, tuple) else (output,)) if saves_outputs else ()
+        if weighted_keys:
+            ctx.mark_non_differentiable(output[-1])
         ctx.save_for_backward(q, k, scale, *saved)
         ctx.rest = rest
 
     def grad(ctx, *grads):
         q, k, scale, *saved = ctx.saved_tensors
+        grads = grads[: len(outputs)]  # u is not differentiable
         # An output that did not reach the loss arrives as None: it contributes nothing.
         lengths = [q.shape[0] if length == "rows" else k.shape[0] for length in outputs]
         grads = [g if g is not None else q.new_zeros(n, dtype=compute_dtype(q.dtype)) for g, n in zip(grads, lengths)]
@@ -130,6 +158,14 @@ cross_entropy_rows_cols = _define("cross_entropy_rows_cols", outputs=("rows", "c
 lse_negatives = _define("lse_negatives", outputs=("rows",), options=("float? clip",))
 #: Σ_{j≠i} softplus(S_ij), (B,).
 softplus_negatives = _define("softplus_negatives", outputs=("rows",), saves_outputs=False)
+#: (c, u): the first op's statistic and the weighted keys u_i = Σ_j p_ij k_j − k_i.
+cross_entropy_rows_with_weighted_keys = _define("cross_entropy_rows", outputs=("rows",), weighted_keys=True)
+#: (ℓ, u): u_i = Σ_{j≠i} e^{c(S_ij) − ℓ_i} c'(S_ij) k_j.
+lse_negatives_with_weighted_keys = _define(
+    "lse_negatives", outputs=("rows",), options=("float? clip",), weighted_keys=True
+)
+#: (Σ_{j≠i} softplus(S_ij), u): u_i = Σ_{j≠i} sigmoid(S_ij) k_j.
+softplus_negatives_with_weighted_keys = _define("softplus_negatives", outputs=("rows",), weighted_keys=True)
 
 
 def _define_mean_with_grad():

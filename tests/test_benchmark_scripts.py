@@ -31,10 +31,14 @@ def test_headline_plan_measures_the_targets_first():
     assert Case("infonce", 1048576, 128, "bfloat16", "triton", True) in headline
     for estimator in ("infonce_symmetric", "nwj", "dv", "smile", "js"):
         assert Case(estimator, 65536, 128, "bfloat16", "triton", True) in headline
-    triton_first = [case for case in headline if case.impl == "triton"][: 2 * len(gpu_benchmark.ESTIMATORS) + 2]
-    assert headline[: len(triton_first)] == triton_first  # rid_fast's own cases before any baseline
+    own = [case for case in headline if case.impl.startswith("triton")][: 2 * len(gpu_benchmark.ESTIMATORS) + 5]
+    assert headline[: len(own)] == own  # rid_fast's own cases before any baseline
     # the cosine critic next to the dot critic at the headline shape: the cost of normalising apart
-    assert Case("infonce", 65536, 128, "bfloat16", "triton", True, "cosine") in triton_first
+    assert Case("infonce", 65536, 128, "bfloat16", "triton", True, "cosine") in own
+    # training with and without the forward's weighted keys
+    assert Case("infonce", 65536, 128, "bfloat16", "triton_dq_sweep", True) in own
+    dq_sweeps = [case for case in cases if case.impl == "triton_dq_sweep"]
+    assert all(case.backward and case.dim <= 128 and case.estimator != "infonce_symmetric" for case in dq_sweeps)
     at_headline_shape = {
         case.impl for case in headline if case[:4] == ("infonce", 65536, 128, "bfloat16") and case.backward
     }

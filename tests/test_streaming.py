@@ -158,3 +158,9 @@ def test_symmetric_ops_on_tiles_with_a_wide_score_range(small_tiles, monkeypatch
     grads_want = torch.autograd.grad(sum((g * w).sum() for g, w in zip(want, weights)), (q, k, scale))
     for a, b in zip(got + grads_got, want + grads_want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_weighted_keys_ops_name_the_backends_they_lack():
+    q, k, scale = _inputs(5, 7, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="cross_entropy_rows_with_weighted_keys has no 'torch' backend"):
+        ops.cross_entropy_rows_with_weighted_keys(q, k, scale, "torch")
