@@ -262,19 +262,30 @@ def _row_stats_fwd(
 
 @triton.jit
 def _weights(
-    scores, offs_m, offs_n, n_rows, n_cols, row_stat, row_grad, col_stat, col_grad, clip,
-    MODE: tl.constexpr, CLIP: tl.constexpr,
+    dots, scale, offs_m, offs_n, n_rows, n_cols, row_stat, row_grad, col_stat, col_grad, clip,
+    MODE: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """The tile of W = ∂L/∂S (fp32), zero outside the matrix; see the module notes per MODE."""
-    inside = (offs_m[:, None] < n_rows) & (offs_n[None, :] < n_cols)
-    diagonal = offs_m[:, None] == offs_n[None, :]
+    """The tile of W = ∂L/∂S (fp32) from the tile of q·k (S = σ·dots), zero outside the matrix;
+    see the module notes per MODE. The exponent is S − ℓ, rounded once from S: folding σ·log₂e
+    into one FMA, as the forward does, would add error of the order of ulp(S·log₂e) to every
+    weight — in e^{S_ii − ℓ_i} − 1 of a confident positive, most of its value. Only MASKED tiles
+    (the diagonal band, the ragged edge) pay for the diagonal's terms and the bounds: outside the
+    matrix a weight formed from the zero-filled entries could overflow, and inf × 0 is NaN in the
+    product with the zero rows."""
+    if MASKED:
+        inside = (offs_m[:, None] < n_rows) & (offs_n[None, :] < n_cols)
+        diagonal = offs_m[:, None] == offs_n[None, :]
+    scores = scale * dots
     if MODE == CE_ROWS:
         w = tl.exp2((scores - row_stat[:, None]) * LOG2E)
-        w = row_grad[:, None] * (w - tl.where(diagonal, 1.0, 0.0))
+        if MASKED:
+            w -= tl.where(diagonal, 1.0, 0.0)
+        w = row_grad[:, None] * w
     elif MODE == CE_ROWS_COLS:
         w = row_grad[:, None] * tl.exp2((scores - row_stat[:, None]) * LOG2E)
         w += col_grad[None, :] * tl.exp2((scores - col_stat[None, :]) * LOG2E)
-        w -= tl.where(diagonal, row_grad[:, None] + col_grad[None, :], 0.0)
+        if MASKED:
+            w -= tl.where(diagonal, row_grad[:, None] + col_grad[None, :], 0.0)
     elif MODE == LSE_NEGATIVES:
         if CLIP:
             passes = (scores >= -clip) & (scores <= clip)  # where the clamp passes gradient, ends included
@@ -282,11 +293,15 @@ def _weights(
         w = row_grad[:, None] * tl.exp2((scores - row_stat[:, None]) * LOG2E)
         if CLIP:
             w = tl.where(passes, w, 0.0)
-        w = tl.where(diagonal, 0.0, w)
+        if MASKED:
+            w = tl.where(diagonal, 0.0, w)
     else:  # SOFTPLUS_NEGATIVES
         w = row_grad[:, None] * tl.sigmoid(scores)
-        w = tl.where(diagonal, 0.0, w)
-    return tl.where(inside, w, 0.0)
+        if MASKED:
+            w = tl.where(diagonal, 0.0, w)
+    if MASKED:
+        w = tl.where(inside, w, 0.0)
+    return w
 
 
 @triton.jit
@@ -294,6 +309,38 @@ def _load_stats(ptr, offs, n, USED: tl.constexpr):
     if USED:
         return tl.load(ptr + offs, mask=offs < n, other=0.0)
     return tl.zeros(offs.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _fold_columns_into_dq(
+    q_ptr, k_ptr, q_block, scale, accumulator, offs_m, offs_dv, start, stop, gap_at, gap,
+    row_stat, row_grad, col_stat_ptr, col_grad_ptr, n_rows, n_cols, dim, clip,
+    MODE: tl.constexpr, CLIP: tl.constexpr, COLUMN_STATS: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """accumulator += W k over the column tiles at positions [start, stop) (``gap`` added from
+    ``gap_at`` on, see :func:`_column_split`). Where one tile holds the whole feature row
+    (SINGLE_K, BLOCK_DV = BLOCK_K), the k tile of the scores is the k tile of the product."""
+    for position in range(start, stop, BLOCK_N):
+        offs_n = position + tl.where(position >= gap_at, gap, 0) + tl.arange(0, BLOCK_N)
+        if SINGLE_K and BLOCK_DV == BLOCK_K:
+            k_values = _load_block(k_ptr, offs_n, offs_dv, n_cols, dim, dim)
+            dots = tl.dot(q_block, tl.trans(k_values), input_precision=INPUT_PRECISION)
+        else:
+            dots = _score_tile(
+                q_ptr, k_ptr, q_block, offs_m, offs_n, n_rows, n_cols, dim,
+                BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
+            )
+            k_values = _load_block(k_ptr, offs_n, offs_dv, n_cols, dim, dim)
+        col_stat = _load_stats(col_stat_ptr, offs_n, n_cols, COLUMN_STATS)
+        col_grad = _load_stats(col_grad_ptr, offs_n, n_cols, COLUMN_STATS)
+        w = _weights(
+            dots, scale, offs_m, offs_n, n_rows, n_cols, row_stat, row_grad, col_stat, col_grad, clip,
+            MODE, CLIP, MASKED,
+        )
+        accumulator = tl.dot(w.to(k_values.dtype), k_values, accumulator, input_precision=INPUT_PRECISION)
+    return accumulator
 
 
 @triton.jit
@@ -308,26 +355,68 @@ def _grad_q_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
     SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(0) * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     scale = tl.load(scale_ptr)
     q_block = _load_block(q_ptr, offs_m, tl.arange(0, BLOCK_K), n_rows, dim, dim) if SINGLE_K else None
     row_stat = _load_stats(row_stat_ptr, offs_m, n_rows, MODE != SOFTPLUS_NEGATIVES)
     row_grad = _load_stats(row_grad_ptr, offs_m, n_rows, True)
     accumulator = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-    for start_n in range(0, n_cols, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        scores = scale * _score_tile(
-            q_ptr, k_ptr, q_block, offs_m, offs_n, n_rows, n_cols, dim,
-            BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, INPUT_PRECISION,
-        )  # fmt: skip
-        col_stat = _load_stats(col_stat_ptr, offs_n, n_cols, COLUMN_STATS)
-        col_grad = _load_stats(col_grad_ptr, offs_n, n_cols, COLUMN_STATS)
-        w = _weights(scores, offs_m, offs_n, n_rows, n_cols, row_stat, row_grad, col_stat, col_grad, clip, MODE, CLIP)
-        k_values = _load_block(k_ptr, offs_n, offs_dv, n_cols, dim, dim)
-        accumulator = tl.dot(w.to(k_values.dtype), k_values, accumulator, input_precision=INPUT_PRECISION)
+    # 16-bit inputs: the tiles off the diagonal band and inside the matrix in a loop without masks
+    # (as in the forward); fp32 keeps one masked loop (smaller code, no spills).
+    if q_ptr.dtype.element_ty != tl.float32:
+        start, stop, gap_at, gap = _column_split(row0, BLOCK_M, BLOCK_N, n_cols, True, False)
+        accumulator = _fold_columns_into_dq(
+            q_ptr, k_ptr, q_block, scale, accumulator, offs_m, offs_dv, start, stop, gap_at, gap,
+            row_stat, row_grad, col_stat_ptr, col_grad_ptr, n_rows, n_cols, dim, clip,
+            MODE, CLIP, COLUMN_STATS, False, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DV, SINGLE_K, INPUT_PRECISION,
+        )
+        start, stop, gap_at, gap = _column_split(row0, BLOCK_M, BLOCK_N, n_cols, True, True)
+    else:
+        start, stop, gap_at, gap = 0, n_cols, n_cols, 0
+    accumulator = _fold_columns_into_dq(
+        q_ptr, k_ptr, q_block, scale, accumulator, offs_m, offs_dv, start, stop, gap_at, gap,
+        row_stat, row_grad, col_stat_ptr, col_grad_ptr, n_rows, n_cols, dim, clip,
+        MODE, CLIP, COLUMN_STATS, True, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DV, SINGLE_K, INPUT_PRECISION,
+    )
     pointers = dq_ptr + offs_m.to(tl.int64)[:, None] * dim + offs_dv[None, :]
     tl.store(pointers, accumulator, mask=(offs_m[:, None] < n_rows) & (offs_dv[None, :] < dim))
+
+
+@triton.jit
+def _fold_rows_into_dk(
+    q_ptr, k_ptr, k_block, scale, accumulator, offs_n, offs_dv, start, stop, gap_at, gap,
+    row_stat_ptr, row_grad_ptr, col_stat, col_grad, n_rows, n_cols, dim, clip,
+    MODE: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """accumulator += Wᵀ q over the row tiles at positions [start, stop) (``gap`` added from
+    ``gap_at`` on); the q tile of the scores serves the product too where it holds the whole
+    feature row (SINGLE_K, BLOCK_DV = BLOCK_K)."""
+    for position in range(start, stop, BLOCK_M):
+        offs_m = position + tl.where(position >= gap_at, gap, 0) + tl.arange(0, BLOCK_M)
+        if SINGLE_K:
+            q_block = _load_block(q_ptr, offs_m, tl.arange(0, BLOCK_K), n_rows, dim, dim)
+            dots = tl.dot(q_block, tl.trans(k_block), input_precision=INPUT_PRECISION)
+        else:
+            dots = _score_tile(
+                q_ptr, k_ptr, None, offs_m, offs_n, n_rows, n_cols, dim,
+                BLOCK_M, BLOCK_N, BLOCK_K, False, INPUT_PRECISION,
+            )
+        row_stat = _load_stats(row_stat_ptr, offs_m, n_rows, MODE != SOFTPLUS_NEGATIVES)
+        row_grad = _load_stats(row_grad_ptr, offs_m, n_rows, True)
+        w = _weights(
+            dots, scale, offs_m, offs_n, n_rows, n_cols, row_stat, row_grad, col_stat, col_grad, clip,
+            MODE, CLIP, MASKED,
+        )
+        if SINGLE_K and BLOCK_DV == BLOCK_K:
+            q_values = q_block
+        else:
+            q_values = _load_block(q_ptr, offs_m, offs_dv, n_rows, dim, dim)
+        accumulator = tl.dot(tl.trans(w.to(q_values.dtype)), q_values, accumulator, input_precision=INPUT_PRECISION)
+    return accumulator
 
 
 @triton.jit
@@ -341,29 +430,31 @@ def _grad_k_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
     SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = tl.program_id(0) * BLOCK_N
+    offs_n = col0 + tl.arange(0, BLOCK_N)
     offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    offs_k = tl.arange(0, BLOCK_K)
     scale = tl.load(scale_ptr)
-    k_block = _load_block(k_ptr, offs_n, offs_k, n_cols, dim, dim) if SINGLE_K else None
+    k_block = _load_block(k_ptr, offs_n, tl.arange(0, BLOCK_K), n_cols, dim, dim) if SINGLE_K else None
     col_stat = _load_stats(col_stat_ptr, offs_n, n_cols, COLUMN_STATS)
     col_grad = _load_stats(col_grad_ptr, offs_n, n_cols, COLUMN_STATS)
     accumulator = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
-    for start_m in range(0, n_rows, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        if SINGLE_K:
-            q_block = _load_block(q_ptr, offs_m, offs_k, n_rows, dim, dim)
-            scores = scale * tl.dot(q_block, tl.trans(k_block), input_precision=INPUT_PRECISION)
-        else:
-            scores = scale * _score_tile(
-                q_ptr, k_ptr, None, offs_m, offs_n, n_rows, n_cols, dim,
-                BLOCK_M, BLOCK_N, BLOCK_K, False, INPUT_PRECISION,
-            )  # fmt: skip
-        row_stat = _load_stats(row_stat_ptr, offs_m, n_rows, MODE != SOFTPLUS_NEGATIVES)
-        row_grad = _load_stats(row_grad_ptr, offs_m, n_rows, True)
-        w = _weights(scores, offs_m, offs_n, n_rows, n_cols, row_stat, row_grad, col_stat, col_grad, clip, MODE, CLIP)
-        q_values = _load_block(q_ptr, offs_m, offs_dv, n_rows, dim, dim)
-        accumulator = tl.dot(tl.trans(w.to(q_values.dtype)), q_values, accumulator, input_precision=INPUT_PRECISION)
+    # As in _grad_q_kernel, with the roles of rows and columns swapped: the band is the row tiles
+    # that cross this block's columns.
+    if q_ptr.dtype.element_ty != tl.float32:
+        start, stop, gap_at, gap = _column_split(col0, BLOCK_N, BLOCK_M, n_rows, True, False)
+        accumulator = _fold_rows_into_dk(
+            q_ptr, k_ptr, k_block, scale, accumulator, offs_n, offs_dv, start, stop, gap_at, gap,
+            row_stat_ptr, row_grad_ptr, col_stat, col_grad, n_rows, n_cols, dim, clip,
+            MODE, CLIP, False, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DV, SINGLE_K, INPUT_PRECISION,
+        )
+        start, stop, gap_at, gap = _column_split(col0, BLOCK_N, BLOCK_M, n_rows, True, True)
+    else:
+        start, stop, gap_at, gap = 0, n_rows, n_rows, 0
+    accumulator = _fold_rows_into_dk(
+        q_ptr, k_ptr, k_block, scale, accumulator, offs_n, offs_dv, start, stop, gap_at, gap,
+        row_stat_ptr, row_grad_ptr, col_stat, col_grad, n_rows, n_cols, dim, clip,
+        MODE, CLIP, True, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DV, SINGLE_K, INPUT_PRECISION,
+    )
     pointers = dk_ptr + offs_n.to(tl.int64)[:, None] * dim + offs_dv[None, :]
     tl.store(
         pointers,
