@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -54,6 +55,12 @@ def cmd_env(args: argparse.Namespace) -> int:
         (
             'impl="auto"',
             f"{resolve_impl('auto', device, torch.float32)} (for float32/bfloat16/float16 {device.type} tensors)",
+        ),
+        (
+            "kernel settings",
+            f"RID_FAST_AUTOTUNE={os.environ.get('RID_FAST_AUTOTUNE', '1')} (autotuning on GPUs), "
+            f"RID_FAST_FORWARD_KEYS={os.environ.get('RID_FAST_FORWARD_KEYS', '1')} (training's forward "
+            "forms dq's weighted keys: 16-bit, D <= 128)",
         ),
     ]
     width = max(len(name) for name, _ in rows)

@@ -7,11 +7,14 @@ from rid_fast.cli import main
 from rid_fast.train.config import load_config
 
 
-def test_env(capsys):
+def test_env(capsys, monkeypatch):
+    monkeypatch.delenv("RID_FAST_AUTOTUNE", raising=False)
+    monkeypatch.setenv("RID_FAST_FORWARD_KEYS", "0")
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     for key in ("rid_fast", "torch", "triton", "device", 'impl="auto"'):
         assert key in out
+    assert "RID_FAST_AUTOTUNE=1" in out and "RID_FAST_FORWARD_KEYS=0" in out
 
 
 def test_bench_small(capsys):
