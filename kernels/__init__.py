@@ -91,7 +91,7 @@ if AVAILABLE:
     def softplus_negatives_with_weighted_keys_forward(q, k, scale):
         return row_stats(q, k, scale, reduction="softplus", mask_diagonal=True, weighted_keys=True)
 
-    def softplus_negatives_with_weighted_keys_backward(grad, q, k, scale, sums, keys):
+    def softplus_negatives_with_weighted_keys_backward(grad, q, k, scale, keys):
         return weighted_grads(
             q, k, scale, mode="softplus_negatives", row_grad=grad, weighted_keys=_keys_times(grad, keys)
         )

@@ -196,8 +196,8 @@ def sweep(arch: int, dims=(128, 512)) -> list[dict]:
         for variant, constexprs in variants.items():
             for dtype, precision in precisions:
                 for dim in dims:
-                    if kernel == "row_stats_keys_fwd" and dim > 128:
-                        continue  # D ≤ 128 only (score_kernels.weighted_keys_in_forward)
+                    if kernel == "row_stats_keys_fwd" and not score_kernels.keys_fit(getattr(torch, dtype), dim):
+                        continue
                     for config in tuning.candidate_configs(kernel, getattr(torch, dtype)):
                         jobs.append(dict(kernel=kernel, arch=arch, dtype=dtype, dim=dim, config=config,
                                          constexprs=constexprs, variant=variant, precision=precision))  # fmt: skip

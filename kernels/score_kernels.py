@@ -78,6 +78,14 @@ def _load_block(ptr, offs_rows, offs_cols, n_rows, n_cols, row_stride):
 
 
 @triton.jit
+def _tile_scores_and_keys(q_block, k_ptr, offs_n, n_cols, dim, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(fp32 scores of the preloaded q tile against the k rows ``offs_n``, that k tile), when one
+    tile holds the whole feature row: the k tile can feed a second product."""
+    k_block = _load_block(k_ptr, offs_n, tl.arange(0, BLOCK_K), n_cols, dim, dim)
+    return tl.dot(q_block, tl.trans(k_block), input_precision=INPUT_PRECISION), k_block
+
+
+@triton.jit
 def _score_tile(
     q_ptr, k_ptr, q_block, offs_m, offs_n, n_rows, n_cols, dim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -86,8 +94,7 @@ def _score_tile(
     """fp32 scores S[offs_m, offs_n]; ``q_block`` is the preloaded q tile when SINGLE_K."""
     offs_k = tl.arange(0, BLOCK_K)
     if SINGLE_K:
-        k_block = _load_block(k_ptr, offs_n, offs_k, n_cols, dim, dim)
-        scores = tl.dot(q_block, tl.trans(k_block), input_precision=INPUT_PRECISION)
+        scores, _ = _tile_scores_and_keys(q_block, k_ptr, offs_n, n_cols, dim, BLOCK_K, INPUT_PRECISION)
     else:
         scores = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, dim, BLOCK_K):
@@ -153,8 +160,7 @@ def _fold_columns(
     for position in range(start, stop, BLOCK_N):
         offs_n = position + tl.where(position >= gap_at, gap, 0) + tl.arange(0, BLOCK_N)
         if WEIGHTED_KEYS:  # the k tile serves the scores and the weighted sum
-            k_block = _load_block(k_ptr, offs_n, tl.arange(0, BLOCK_K), n_cols, dim, dim)
-            x = tl.dot(q_block, tl.trans(k_block), input_precision=INPUT_PRECISION)
+            x, k_block = _tile_scores_and_keys(q_block, k_ptr, offs_n, n_cols, dim, BLOCK_K, INPUT_PRECISION)
         else:
             x = _score_tile(
                 q_ptr, k_ptr, q_block, offs_m, offs_n, n_rows, n_cols, dim,
@@ -324,9 +330,8 @@ def _fold_columns_into_dq(
     (SINGLE_K, BLOCK_DV = BLOCK_K), the k tile of the scores is the k tile of the product."""
     for position in range(start, stop, BLOCK_N):
         offs_n = position + tl.where(position >= gap_at, gap, 0) + tl.arange(0, BLOCK_N)
-        if SINGLE_K and BLOCK_DV == BLOCK_K:
-            k_values = _load_block(k_ptr, offs_n, offs_dv, n_cols, dim, dim)
-            dots = tl.dot(q_block, tl.trans(k_values), input_precision=INPUT_PRECISION)
+        if SINGLE_K and BLOCK_DV == BLOCK_K:  # one program along D: offs_dv is the tile's columns
+            dots, k_values = _tile_scores_and_keys(q_block, k_ptr, offs_n, n_cols, dim, BLOCK_K, INPUT_PRECISION)
         else:
             dots = _score_tile(
                 q_ptr, k_ptr, q_block, offs_m, offs_n, n_rows, n_cols, dim,
@@ -517,18 +522,19 @@ def _scale_tensor(scale: torch.Tensor) -> torch.Tensor:
     return scale.reshape(1).float().contiguous()
 
 
-def _keys_fit(q: torch.Tensor) -> bool:
-    """16-bit inputs whose feature rows fit one tile (D ≤ 128), where the k tile held for the
-    scores feeds the tensor cores a second time. Wider rows would need a (BLOCK_M, D) accumulator
-    past the register file; fp32 operands take twice the registers."""
-    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[1] <= 128
+def keys_fit(dtype: torch.dtype, dim: int) -> bool:
+    """Whether the forward can form the weighted keys: 16-bit inputs whose feature rows fit one
+    tile (D ≤ 128), where the k tile held for the scores feeds the tensor cores a second time.
+    Wider rows would need a (BLOCK_M, D) accumulator past the register file; fp32 operands take
+    twice the registers."""
+    return dtype in (torch.float16, torch.bfloat16) and dim <= 128
 
 
 def weighted_keys_in_forward(q: torch.Tensor) -> bool:
     """Whether training's forward also forms the weighted keys u (see the module notes): where
     they fit, unless ``RID_FAST_FORWARD_KEYS=0`` (the backward then sweeps for dq as well; e.g. to
     compare the two on a GPU)."""
-    return os.environ.get("RID_FAST_FORWARD_KEYS", "1") != "0" and _keys_fit(q)
+    return os.environ.get("RID_FAST_FORWARD_KEYS", "1") != "0" and keys_fit(q.dtype, q.shape[1])
 
 
 def row_stats(
@@ -546,7 +552,7 @@ def row_stats(
     q, k = q.contiguous(), k.contiguous()
     n_rows, dim = q.shape
     out = torch.empty(n_rows, device=q.device, dtype=torch.float32)
-    if weighted_keys and not _keys_fit(q):
+    if weighted_keys and not keys_fit(q.dtype, dim):
         raise ValueError(f"weighted keys need 16-bit inputs with D <= 128; got {q.dtype}, D = {dim}")
     keys = torch.empty((n_rows, dim) if weighted_keys else (1,), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)  # noqa: E731

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from rid_fast import functional, reference
 
@@ -124,6 +125,14 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _timed_step(step: Callable[[Tensor, Tensor], None], x: Tensor, y: Tensor, device: str) -> float:
+    """Seconds one step takes, to its end on the device."""
+    start = time.perf_counter()
+    step(x, y)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
 def time_cases(cases: list[Case], *, repeats: int = 3, warmup: int = 1) -> list[dict]:
     """Median wall time of each case over ``repeats`` steps after ``warmup`` (the first warm-up
     step, which includes any compilation, is reported as ``first_s``). The timed steps take turns
@@ -134,20 +143,14 @@ def time_cases(cases: list[Case], *, repeats: int = 3, warmup: int = 1) -> list[
     for case in cases:
         x, y = make_inputs(case)
         step = make_step(case)
-        first = None
-        for _ in range(max(warmup, 1)):
-            start = time.perf_counter()
-            step(x, y)
-            _synchronize(case.device)
-            first = first if first is not None else time.perf_counter() - start
+        first = _timed_step(step, x, y, case.device)
+        for _ in range(max(warmup, 1) - 1):
+            _timed_step(step, x, y, case.device)
         steps.append((case, step, x, y, first))
     times: list[list[float]] = [[] for _ in cases]
     for _ in range(repeats):
         for (case, step, x, y, _), case_times in zip(steps, times):
-            start = time.perf_counter()
-            step(x, y)
-            _synchronize(case.device)
-            case_times.append(time.perf_counter() - start)
+            case_times.append(_timed_step(step, x, y, case.device))
     results = []
     for (case, *_, first), case_times in zip(steps, times):
         median = statistics.median(case_times)

@@ -79,12 +79,13 @@ def _define(
     """Define ``rid_fast::<name>`` and ``rid_fast::<name>_backward`` with fakes and autograd.
 
     ``outputs`` names each output's length, ``"rows"`` (B) or ``"cols"`` (N); ``options`` are
-    extra schema arguments (e.g. ``"float? clip"``) passed through to the backend. With
-    ``weighted_keys`` the op is ``<name>_with_weighted_keys``: one more output, u (B, D) in the
-    compute dtype, saved for the backward and not differentiable.
+    extra schema arguments (e.g. ``"float? clip"``) passed through to the backend; the backward
+    gets the statistics when ``saves_outputs``. With ``weighted_keys`` the op is
+    ``<name>_with_weighted_keys``: one more output, u (B, D) in the compute dtype, always saved for
+    the backward and not differentiable.
     """
     if weighted_keys:
-        name, saves_outputs = f"{name}_with_weighted_keys", True
+        name = f"{name}_with_weighted_keys"
     n_results = len(outputs) + weighted_keys
     option_schema = "".join(f", {option}" for option in options)
     output_schema = "Tensor" if n_results == 1 else "(" + ", ".join("Tensor" for _ in range(n_results)) + ")"
@@ -131,7 +132,8 @@ def _define(
 
     def setup_context(ctx, inputs, output):
         q, k, scale, *rest = inputs
-        saved = (output if isinstance(output, tuple) else (output,)) if saves_outputs else ()
+        results = output if isinstance(output, tuple) else (output,)
+        saved = results if saves_outputs else results[len(outputs) :]  # u alone, if any
         if weighted_keys:
             ctx.mark_non_differentiable(output[-1])
         ctx.save_for_backward(q, k, scale, *saved)
@@ -165,7 +167,9 @@ lse_negatives_with_weighted_keys = _define(
     "lse_negatives", outputs=("rows",), options=("float? clip",), weighted_keys=True
 )
 #: (Σ_{j≠i} softplus(S_ij), u): u_i = Σ_{j≠i} sigmoid(S_ij) k_j.
-softplus_negatives_with_weighted_keys = _define("softplus_negatives", outputs=("rows",), weighted_keys=True)
+softplus_negatives_with_weighted_keys = _define(
+    "softplus_negatives", outputs=("rows",), saves_outputs=False, weighted_keys=True
+)
 
 
 def _define_mean_with_grad():
