@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from estimator_checks import DTYPES, assert_matches_reference, cases, correlated_pair, reference_test
+from estimator_checks import DTYPE_IDS, DTYPES, assert_matches_reference, cases, correlated_pair, reference_test
 
 from rid_fast import functional
 from rid_fast.critics import CosineCritic
@@ -11,7 +11,7 @@ from rid_fast.estimators import InfoNCE
 test_matches_reference = reference_test("infonce", temperature=0.1)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n_queries,n_keys,dim,critic", [c for c in cases() if c[0] == c[1]])
 def test_symmetric_matches_reference(small_tiles, n_queries, n_keys, dim, critic, dtype):
     x, y = correlated_pair(n_queries, n_keys, dim)
