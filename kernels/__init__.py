@@ -1,7 +1,7 @@
 """Fused Triton kernels for the score-matrix reductions (installed as ``rid_fast.kernels``).
 
-This module is the ``"triton"`` backend of :mod:`rid_fast.ops`: the same forward/backward
-functions as :mod:`rid_fast.streaming`, with the same shapes and meaning, computed by the kernels
+This module is the ``"triton"`` backend of :mod:`rid_fast.ops.library`: the same forward/backward
+functions as :mod:`rid_fast.ops.streaming`, with the same shapes and meaning, computed by the kernels
 of :mod:`rid_fast.kernels.score_kernels`. CUDA tensors, or CPU tensors under the Triton
 interpreter (``TRITON_INTERPRET=1`` set before Python starts).
 """
@@ -20,12 +20,12 @@ else:
 if AVAILABLE:
     import torch
 
-    from rid_fast.streaming import diagonal_scores
+    from rid_fast.ops.common import diagonal_scores
 
+    from .score_kernels import keys_fit as keys_fit  # where the weighted keys fit (rid_fast.ops.dispatch)
     from .score_kernels import row_stats, weighted_grads
-    from .score_kernels import weighted_keys_in_forward as weighted_keys_in_forward  # used by rid_fast.functional
 
-    # Same functions, argument order and meaning as rid_fast.streaming (see rid_fast.ops).
+    # Same functions, argument order and meaning as rid_fast.ops.streaming (see rid_fast.ops.library).
 
     def cross_entropy_rows_forward(q, k, scale):
         return row_stats(q, k, scale, reduction="lse", mask_diagonal=False) - diagonal_scores(q, k, scale)
@@ -60,7 +60,7 @@ if AVAILABLE:
     def softplus_negatives_backward(grad, q, k, scale):
         return weighted_grads(q, k, scale, mode="softplus_negatives", row_grad=grad)
 
-    # The row ops with the weighted keys u from the forward (rid_fast.ops): W k = a ⊙ u, so the
+    # The row ops with the weighted keys u from the forward (rid_fast.ops.library): W k = a ⊙ u, so the
     # backward sweeps only for dk.
 
     def _keys_times(grad, keys):

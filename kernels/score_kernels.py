@@ -49,8 +49,6 @@ masked for ragged B, N, D, no Python control flow on tensor values.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -528,13 +526,6 @@ def keys_fit(dtype: torch.dtype, dim: int) -> bool:
     Wider rows would need a (BLOCK_M, D) accumulator past the register file; fp32 operands take
     twice the registers."""
     return dtype in (torch.float16, torch.bfloat16) and dim <= 128
-
-
-def weighted_keys_in_forward(q: torch.Tensor) -> bool:
-    """Whether training's forward also forms the weighted keys u (see the module notes): where
-    they fit, unless ``RID_FAST_FORWARD_KEYS=0`` (the backward then sweeps for dq as well; e.g. to
-    compare the two on a GPU)."""
-    return os.environ.get("RID_FAST_FORWARD_KEYS", "1") != "0" and keys_fit(q.dtype, q.shape[1])
 
 
 def row_stats(

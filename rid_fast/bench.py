@@ -2,7 +2,7 @@
 
 Implementations compared (``impl``):
 
-* ``"torch"``, ``"triton"``, ``"reference"`` — :mod:`rid_fast.functional` with that ``impl``;
+* ``"torch"``, ``"triton"``, ``"reference"`` — :mod:`rid_fast.mi.functional` with that ``impl``;
 * ``"compile"`` — ``torch.compile`` of the reference (the fastest thing a user gets without
   rid_fast); compile time is excluded from its timings and reported separately.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rid_fast import functional, reference
+from rid_fast.mi import functional, reference
 
 __all__ = [
     "Case",

@@ -23,7 +23,7 @@ import torch
 
 import rid_fast
 from rid_fast import bench
-from rid_fast.dispatch import resolve_impl, triton_status
+from rid_fast.ops.dispatch import resolve_impl, triton_status
 
 
 def _version(module_name: str) -> str:
@@ -141,7 +141,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Plots of a run folder (metrics.csv) or a comparison folder (summary.csv)."""
-    from rid_fast.plots import plot_compare, plot_run
+    from rid_fast.train.plots import plot_compare, plot_run
 
     folder = Path(args.run_dir)
     if (folder / "summary.csv").is_file():

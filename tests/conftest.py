@@ -3,7 +3,7 @@ import pickle
 import numpy as np
 import pytest
 
-from rid_fast import streaming
+from rid_fast.ops import streaming
 
 
 @pytest.fixture

@@ -1,15 +1,9 @@
 """The benchmark baselines compute what they claim (they are only worth comparing against if so)."""
 
-import importlib.util
-from pathlib import Path
-
+import baselines  # benchmarks/baselines.py
 import torch
 
-from rid_fast import reference
-
-_spec = importlib.util.spec_from_file_location("baselines", Path(__file__).parents[1] / "benchmarks" / "baselines.py")
-baselines = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(baselines)
+from rid_fast.mi import reference
 
 
 def _inputs():

@@ -2,9 +2,9 @@ import pytest
 import torch
 from estimator_checks import LargestTensor, correlated_pair
 
-from rid_fast import critics, reference
-from rid_fast.critics import BilinearCritic, ConcatCritic, CosineCritic, DotCritic
-from rid_fast.estimators import DV, JS, NWJ, SMILE, InfoNCE
+from rid_fast.mi import critics, reference
+from rid_fast.mi.critics import BilinearCritic, ConcatCritic, CosineCritic, DotCritic
+from rid_fast.mi.estimators import DV, JS, NWJ, SMILE, InfoNCE
 
 
 @pytest.mark.parametrize("critic_cls,name", [(DotCritic, "dot"), (CosineCritic, "cosine")])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from rid_fast.data import CIFAR10_MEAN, load_cifar10, load_dataset, split
+from rid_fast.train.data import CIFAR10_MEAN, load_cifar10, load_dataset, split
 
 
 def test_digits_is_embedded_and_split_is_stratified_and_seeded():

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rid_fast import functional
-from rid_fast.estimators import MINE, InfoNCE
+from rid_fast.mi import functional
+from rid_fast.mi.estimators import MINE, InfoNCE
 
 x8, y8 = torch.randn(8, 4), torch.randn(8, 4)
 ALL = ["infonce", "nwj", "dv", "smile", "js"]

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from rid_fast import RIDDistiller
-from rid_fast.baselines import METHODS, resolve_method
-from rid_fast.distiller import FeatureHooks
-from rid_fast.models import CNN, MLP
+from rid_fast import Distiller
+from rid_fast.distill.distiller import FeatureHooks
+from rid_fast.distill.methods import METHODS, resolve_method
+from rid_fast.train.models import CNN, MLP
 
 LAYERS = {"student_layers": ["blocks.0", "blocks.1"], "teacher_layers": ["blocks.0", "blocks.1"]}
 
@@ -23,7 +23,7 @@ ALL_METHODS = [*METHODS, "rid_gaussian", "rid_infonce", "rid_nwj", "rid_dv", "ri
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_method_runs_a_step_in_every_phase(kind, method):
     student, teacher, input_shape = _pair(kind)
-    distiller = RIDDistiller(student, teacher, method=method, num_classes=10, input_shape=input_shape, **LAYERS)
+    distiller = Distiller(student, teacher, method=method, num_classes=10, input_shape=input_shape, **LAYERS)
     x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
     teacher_before = [p.clone() for p in teacher.parameters()]
     for phase in distiller.method.phases:
@@ -43,7 +43,7 @@ def test_every_method_runs_a_step_in_every_phase(kind, method):
 
 def test_student_phase_returns_every_part():
     student, teacher, shape = _pair("mlp")
-    distiller = RIDDistiller(
+    distiller = Distiller(
         student, teacher, method="rid_gaussian", num_classes=10, input_shape=shape, weight=2.0, **LAYERS
     )
     out = distiller(torch.randn(8, 64), torch.randint(0, 10, (8,)), position=9, total=10)
@@ -67,7 +67,7 @@ def test_hooks_are_cleared_between_steps():
 
 def test_train_mode_keeps_the_teacher_in_eval():
     student, teacher, shape = _pair("cnn")
-    distiller = RIDDistiller(student, teacher, method="vid", num_classes=10, input_shape=shape, **LAYERS)
+    distiller = Distiller(student, teacher, method="vid", num_classes=10, input_shape=shape, **LAYERS)
     distiller.train()
     assert student.training and not teacher.training
 
@@ -79,13 +79,13 @@ def test_features_from_a_callable():
         h = model.blocks[0](x)
         return model.head(model.blocks[1](h)), [h]
 
-    distiller = RIDDistiller(student, teacher, method="fitnets", num_classes=10, input_shape=shape, features=features)
+    distiller = Distiller(student, teacher, method="fitnets", num_classes=10, input_shape=shape, features=features)
     assert torch.isfinite(distiller(torch.randn(8, 64), torch.randint(0, 10, (8,)))["loss"])
 
 
 def test_teacher_standardisation_and_noise():
     student, teacher, shape = _pair("mlp")
-    distiller = RIDDistiller(
+    distiller = Distiller(
         student, teacher, method="vid", num_classes=10, input_shape=shape, teacher_noise_fraction=0.5, **LAYERS
     )
     inputs = torch.randn(256, 64)
@@ -104,12 +104,12 @@ def test_teacher_standardisation_and_noise():
 def test_bad_arguments_name_what_is_wrong():
     student, teacher, shape = _pair("mlp")
     with pytest.raises(ValueError, match="teacher_layers: no module named"):
-        RIDDistiller(student, teacher, method="vid", num_classes=10, input_shape=shape,
+        Distiller(student, teacher, method="vid", num_classes=10, input_shape=shape,
                      student_layers=["blocks.0"], teacher_layers=["blocks.9"])  # fmt: skip
     with pytest.raises(ValueError, match="must pair up"):
-        RIDDistiller(student, teacher, method="vid", num_classes=10, input_shape=shape,
+        Distiller(student, teacher, method="vid", num_classes=10, input_shape=shape,
                      student_layers=["blocks.0"], teacher_layers=["blocks.0", "blocks.1"])  # fmt: skip
     with pytest.raises(ValueError, match=r"method 'kd' does not take option\(s\) \['estimator'\]"):
-        RIDDistiller(student, teacher, method="kd", num_classes=10, input_shape=shape, estimator="gaussian", **LAYERS)
+        Distiller(student, teacher, method="kd", num_classes=10, input_shape=shape, estimator="gaussian", **LAYERS)
     with pytest.raises(ValueError, match="unknown distillation method 'rid_kl'"):
         resolve_method("rid_kl")

@@ -20,7 +20,8 @@ from estimator_checks import (
     correlated_pair,
 )
 
-from rid_fast import functional, pid
+from rid_fast import pid
+from rid_fast.mi import functional
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -71,7 +72,7 @@ def test_scores_far_below_zero_on_ragged_tiles(monkeypatch, label, dtype):
 
 
 def test_auto_picks_triton_on_cuda():
-    from rid_fast.dispatch import resolve_impl
+    from rid_fast.ops.dispatch import resolve_impl
 
     assert resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "triton"
     assert resolve_impl("auto", torch.device("cuda"), torch.float64) == "torch"

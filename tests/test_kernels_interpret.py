@@ -20,8 +20,8 @@ from estimator_checks import (
     evaluate,
 )
 
-from rid_fast import functional
 from rid_fast.kernels import score_kernels
+from rid_fast.mi import functional
 
 pytestmark = [
     pytest.mark.interpret,

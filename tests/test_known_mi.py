@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from rid_fast import functional
-from rid_fast.data import correlated_gaussians, gaussian_mutual_information
+from rid_fast.mi import functional
+from rid_fast.train.data import correlated_gaussians, gaussian_mutual_information
 
 DIM, RHO = 4, 0.7
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from estimator_checks import correlated_pair
 
-from rid_fast import functional
-from rid_fast.critics import BilinearCritic
-from rid_fast.estimators import MINE
+from rid_fast.mi import functional
+from rid_fast.mi.critics import BilinearCritic
+from rid_fast.mi.estimators import MINE
 
 
 def _negatives_log_mean_exp(module, x, y):

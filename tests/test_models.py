@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rid_fast.models import build_model
+from rid_fast.train.models import build_model
 
 
 @pytest.mark.parametrize(

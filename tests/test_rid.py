@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rid_fast import RIDLoss, RIDSchedule
-from rid_fast.rid import GaussianRedundancy
+from rid_fast.distill.rid import GaussianRedundancy
 
 SHAPES = {
     "vectors": ([(32,), (24,)], [(8,), (6,)]),

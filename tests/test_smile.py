@@ -2,8 +2,7 @@ import pytest
 import torch
 from estimator_checks import EXP_TEMPERATURE, assert_matches_reference, correlated_pair, reference_test
 
-from rid_fast import functional
-from rid_fast.estimators import SMILE
+from rid_fast.mi import functional
 
 test_matches_reference = reference_test("smile", temperature=EXP_TEMPERATURE, min_keys=2, clip=5.0)
 
@@ -20,8 +19,3 @@ def test_clip_levels_match_reference(small_tiles, clip):
 def test_large_clip_equals_dv():
     x, y = correlated_pair(20, 20, 3)
     torch.testing.assert_close(functional.smile(x, y, clip=1e6), functional.dv(x, y))
-
-
-def test_module_matches_functional():
-    x, y = correlated_pair(30, 45, 5)
-    torch.testing.assert_close(SMILE("cosine", clip=2.0)(x, y), functional.smile(x, y, critic="cosine", clip=2.0))

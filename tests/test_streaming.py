@@ -6,7 +6,7 @@ import pytest
 import torch
 from estimator_checks import LargestTensor
 
-from rid_fast import ops, streaming
+from rid_fast.ops import library, streaming
 
 TILES = [(16, 32), (32, 16), (7, 5), (1024, 512)]
 
@@ -51,16 +51,24 @@ def direct_cross_entropy_rows_mean(q, k, scale):
 
 
 CASES = [
-    ("cross_entropy_rows", lambda *a: ops.cross_entropy_rows(*a, "torch"), direct_cross_entropy_rows),
+    ("cross_entropy_rows", lambda *a: library.cross_entropy_rows(*a, "torch"), direct_cross_entropy_rows),
     (
         "cross_entropy_rows_mean_with_grad",
-        lambda *a: ops.cross_entropy_rows_mean_with_grad(*a)[0],
+        lambda *a: library.cross_entropy_rows_mean_with_grad(*a)[0],
         direct_cross_entropy_rows_mean,
     ),
-    ("cross_entropy_rows_cols", lambda *a: ops.cross_entropy_rows_cols(*a, "torch"), direct_cross_entropy_rows_cols),
-    ("lse_negatives", lambda *a: ops.lse_negatives(*a, None, "torch"), direct_lse_negatives),
-    ("lse_negatives_clip", lambda *a: ops.lse_negatives(*a, 1.5, "torch"), lambda *a: direct_lse_negatives(*a, 1.5)),
-    ("softplus_negatives", lambda *a: ops.softplus_negatives(*a, "torch"), direct_softplus_negatives),
+    (
+        "cross_entropy_rows_cols",
+        lambda *a: library.cross_entropy_rows_cols(*a, "torch"),
+        direct_cross_entropy_rows_cols,
+    ),
+    ("lse_negatives", lambda *a: library.lse_negatives(*a, None, "torch"), direct_lse_negatives),
+    (
+        "lse_negatives_clip",
+        lambda *a: library.lse_negatives(*a, 1.5, "torch"),
+        lambda *a: direct_lse_negatives(*a, 1.5),
+    ),
+    ("softplus_negatives", lambda *a: library.softplus_negatives(*a, "torch"), direct_softplus_negatives),
 ]
 
 
@@ -151,7 +159,7 @@ def test_symmetric_ops_on_tiles_with_a_wide_score_range(small_tiles, monkeypatch
     calls = []
     per_side = streaming._online_lse_update_
     monkeypatch.setattr(streaming, "_online_lse_update_", lambda *a, **kw: calls.append(1) or per_side(*a, **kw))
-    got, want = ops.cross_entropy_rows_cols(q, k, scale, "torch"), direct_cross_entropy_rows_cols(q, k, scale)
+    got, want = library.cross_entropy_rows_cols(q, k, scale, "torch"), direct_cross_entropy_rows_cols(q, k, scale)
     assert calls, "the per-side path did not run"
     weights = [torch.randn_like(w) for w in want]
     grads_got = torch.autograd.grad(sum((g * w).sum() for g, w in zip(got, weights)), (q, k, scale))
@@ -163,4 +171,4 @@ def test_symmetric_ops_on_tiles_with_a_wide_score_range(small_tiles, monkeypatch
 def test_weighted_keys_ops_name_the_backends_they_lack():
     q, k, scale = _inputs(5, 7, 3, dtype=torch.float32)
     with pytest.raises(ValueError, match="cross_entropy_rows_with_weighted_keys has no 'torch' backend"):
-        ops.cross_entropy_rows_with_weighted_keys(q, k, scale, "torch")
+        library.cross_entropy_rows_with_weighted_keys(q, k, scale, "torch")

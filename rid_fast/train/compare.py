@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rid_fast.data import Dataset, load_dataset, split
 from rid_fast.train.config import ExperimentConfig
+from rid_fast.train.data import Dataset, load_dataset, split
 from rid_fast.train.loop import Trainer, write_csv_atomic
 from rid_fast.train.measure import format_spread, layer_rows, pid_table
 from rid_fast.train.supervised import resolve_device
@@ -255,7 +255,7 @@ def write_report(rows: list[dict], out_dir: Path, pid_rows: list[dict] | None = 
             for r in pid_table(pid_rows)
         ]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    from rid_fast.plots import plot_compare, plot_pid
+    from rid_fast.train.plots import plot_compare, plot_pid
 
     plot_compare(out_dir, table)
     if pid_rows:

@@ -5,7 +5,7 @@
 1. the dataset and the seeded split (student subset, validation set);
 2. the teacher (:mod:`rid_fast.train.teachers`: trained and cached, untrained, or noisy);
 3. the student, initialised from the run's seed (identical for every method);
-4. the :class:`~rid_fast.RIDDistiller` and one optimizer per phase;
+4. the :class:`~rid_fast.Distiller` and one optimizer per phase;
 
 then runs the epochs: each step asks the method which phase it is in (RID alternates filter and
 student phases), steps that phase's optimizer, and each epoch ends with an evaluation, a row in
@@ -31,12 +31,12 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from rid_fast.baselines import method_options
-from rid_fast.data import Dataset, Split, load_dataset, split
-from rid_fast.distiller import RIDDistiller
-from rid_fast.models import build_model
+from rid_fast.distill.distiller import Distiller
+from rid_fast.distill.methods import method_options
 from rid_fast.train import checkpoint
 from rid_fast.train.config import ExperimentConfig, to_dict
+from rid_fast.train.data import Dataset, Split, load_dataset, split
+from rid_fast.train.models import build_model
 from rid_fast.train.supervised import (
     accuracy,
     batch_indices,
@@ -109,7 +109,7 @@ class Trainer:
             "redundancy_from_round": distill.redundancy_from_round,
             "min_variance": distill.min_variance,
         }
-        self.distiller = RIDDistiller(
+        self.distiller = Distiller(
             student.to(self.device),
             self.teacher.to(self.device),
             student_layers=distill.student_layers,

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from rid_fast import pid
-from rid_fast.data import load_dataset
-from rid_fast.distiller import RIDDistiller
-from rid_fast.models import build_model
-from rid_fast.plots import plot_pid
+from rid_fast.distill.distiller import Distiller
 from rid_fast.train import checkpoint
 from rid_fast.train.config import load_config
+from rid_fast.train.data import load_dataset
 from rid_fast.train.loop import Trainer, write_csv_atomic
+from rid_fast.train.models import build_model
+from rid_fast.train.plots import plot_pid
 
 __all__ = [
     "layer_pids",
@@ -44,17 +44,13 @@ PID_FIELDS = ("red", "uni_t", "uni_s", "syn", "mi_t", "mi_s", "gap")
 
 @torch.no_grad()
 def layer_pids(
-    distiller: RIDDistiller, x: torch.Tensor, y: torch.Tensor, *, n_components: int = 5, n_clusters: int = 10, seed=0
+    distiller: Distiller, x: torch.Tensor, y: torch.Tensor, *, n_components: int = 5, n_clusters: int = 10, seed=0
 ) -> dict[str, float]:
     """``{"pid/k/red": ..., "pid/k/uni_t": ..., ...}`` for every distilled layer pair k, measured
     on inputs ``x`` with labels ``y`` (models in eval mode; their modes are restored after)."""
-    was_training = distiller.student.training
-    distiller.student.eval()
-    try:
+    with distiller.eval_mode():
         _, teacher_feats = distiller.teacher_features(x)
         _, student_feats = distiller.student_features(x)
-    finally:
-        distiller.student.train(was_training)
     values = {}
     for k, (t, s) in enumerate(zip(teacher_feats, student_feats)):
         components = min(n_components, t[0].numel(), s[0].numel(), len(x))

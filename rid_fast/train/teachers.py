@@ -6,7 +6,7 @@
 * ``untrained`` — the same architecture at its random initialisation (the paper's nuisance
   teacher: its features carry mostly nuisance);
 * ``noisy`` — the trained teacher, with a fraction of its distilled channels replaced by noise
-  (done by :class:`rid_fast.distiller.TeacherFeatureTransform`, ``teacher.noise_fraction``).
+  (done by :class:`rid_fast.distill.distiller.TeacherFeatureTransform`, ``teacher.noise_fraction``).
 
 A user's own trained teacher can be given as ``teacher.checkpoint`` (a state_dict file).
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rid_fast.data import Dataset, Split
-from rid_fast.models import build_model
 from rid_fast.train import checkpoint
+from rid_fast.train.data import Dataset, Split
+from rid_fast.train.models import build_model
 from rid_fast.train.supervised import accuracy, fit_classifier
 
 __all__ = ["TEACHER_KINDS", "make_teacher", "teacher_cache_path"]

@@ -1,8 +1,8 @@
-r"""Estimator modules: a critic (possibly learnable) plus one of the bounds of :mod:`rid_fast.functional`.
+r"""Estimator modules: a critic (possibly learnable) plus one of the bounds of :mod:`rid_fast.mi.functional`.
 
 Each module's ``forward(x, y)`` returns the scalar estimate (nats) of a lower bound on
 :math:`I(X;Y)`; maximise it to train the critic (and the encoders producing ``x``, ``y``).
-Separable critics run through the fast paths (``impl``); :class:`~rid_fast.critics.ConcatCritic`
+Separable critics run through the fast paths (``impl``); :class:`~rid_fast.mi.critics.ConcatCritic`
 materialises the score matrix and uses the reference formulas.
 
 Example::
@@ -25,11 +25,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from rid_fast import reference
-from rid_fast.critics import CRITICS, CosineCritic, Critic, DotCritic
-from rid_fast.dispatch import check_choice, check_pair, check_positive, resolve_impl
-from rid_fast.functional import ESTIMATORS, autocast_factors, log_mean_exp_negatives
-from rid_fast.streaming import diagonal_scores
+from rid_fast.mi.critics import CRITICS, CosineCritic, Critic, DotCritic
+from rid_fast.mi.functional import DV_TERMS, estimate
+from rid_fast.ops.dispatch import check_choice, check_positive
 
 __all__ = ["MIEstimator", "InfoNCE", "NWJ", "DV", "SMILE", "JS", "MINE", "make_critic"]
 
@@ -46,9 +44,9 @@ class MIEstimator(nn.Module):
     """Base class: a critic plus the estimator registered as :attr:`name` in ``ESTIMATORS``.
 
     Args:
-        critic: a :class:`~rid_fast.critics.Critic` or ``"dot"`` / ``"cosine"``.
+        critic: a :class:`~rid_fast.mi.critics.Critic` or ``"dot"`` / ``"cosine"``.
         temperature: τ of a critic given by name.
-        impl: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (see :mod:`rid_fast.functional`).
+        impl: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (see :mod:`rid_fast.mi.functional`).
         check_values: reject NaN/Inf inputs (one pass over them; skipped under torch.compile).
     """
 
@@ -63,28 +61,9 @@ class MIEstimator(nn.Module):
         self.check_values = check_values
         self._options: dict = {}
 
-    def _needs_negatives(self) -> bool:
-        return ESTIMATORS[self.name].needs_negatives
-
-    def _validate(self, x: Tensor, y: Tensor) -> str:
-        check_pair(
-            x,
-            y,
-            same_features=self.critic.same_features,
-            square=self._options.get("symmetric", False),
-            needs_negatives=self._needs_negatives(),
-            check_values=self.check_values,
-        )
-        return resolve_impl(self.impl, x.device, x.dtype)
-
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """x (B, Dx), y (N, Dy), N ≥ B → scalar estimate in nats."""
-        backend = self._validate(x, y)
-        estimator = ESTIMATORS[self.name]
-        if backend == "reference" or not self.critic.separable:
-            return estimator.from_scores(self.critic.scores(x, y), **self._options)
-        q, k, scale = self.critic.factors(x, y)
-        return estimator.from_factors(*autocast_factors(q, k, backend), scale, backend, **self._options)
+        return estimate(self.name, x, y, self.critic, impl=self.impl, check_values=self.check_values, **self._options)
 
     def extra_repr(self) -> str:
         options = "".join(f", {key}={value}" for key, value in self._options.items())
@@ -156,19 +135,6 @@ class MINE(MIEstimator):
         self.ema_decay = ema_decay
         self.register_buffer("log_partition_ema", torch.tensor(float("nan")))
 
-    def _needs_negatives(self) -> bool:
-        return True
-
-    def _dv_terms(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(mean positive score, log mean exp of negative scores)."""
-        backend = self._validate(x, y)
-        if backend == "reference" or not self.critic.separable:
-            scores = self.critic.scores(x, y)
-            return scores.diagonal().mean(), reference.log_mean_exp_negatives(scores)
-        q, k, scale = self.critic.factors(x, y)
-        q, k = autocast_factors(q, k, backend)
-        return diagonal_scores(q, k, scale).mean(), log_mean_exp_negatives(q, k, scale, backend)
-
     @torch.no_grad()
     def _update_average(self, log_partition: Tensor) -> Tensor:
         current = log_partition.detach().to(self.log_partition_ema.dtype)
@@ -183,7 +149,9 @@ class MINE(MIEstimator):
         return self.log_partition_ema.clone()
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        positive_mean, log_partition = self._dv_terms(x, y)
+        positive_mean, log_partition = estimate(
+            DV_TERMS, x, y, self.critic, impl=self.impl, check_values=self.check_values
+        )
         value = positive_mean - log_partition
         if not (self.training and torch.is_grad_enabled()):
             return value

@@ -1,6 +1,6 @@
 r"""Streaming reductions of a score matrix, in plain PyTorch: the fast CPU path.
 
-Every estimator in :mod:`rid_fast.functional` reduces the score matrix
+Every estimator in :mod:`rid_fast.mi.functional` reduces the score matrix
 
 .. math::
     S = \sigma\, q k^\top,\qquad q \in \mathbb{R}^{B\times D},\; k \in \mathbb{R}^{N\times D},
@@ -44,12 +44,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-LOG2E = 1.4426950408889634
+from rid_fast.ops.common import LOG2E, compute_dtype, diagonal_scores
 
 __all__ = [
     "DEFAULT_BLOCK",
-    "compute_dtype",
-    "diagonal_scores",
     "cross_entropy_rows_forward",
     "cross_entropy_rows_backward",
     "cross_entropy_rows_mean_and_grad",
@@ -67,11 +65,6 @@ __all__ = [
 #: so a tile keeps the same footprint (1 MiB, about one core's L2). Chosen by
 #: ``benchmarks/bench_infonce.py`` on a 2-core Zen 4 machine.
 DEFAULT_BLOCK = (1024, 512)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the streaming path: fp64 stays fp64, everything else is fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _block_shape(n_rows: int, n_cols: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -207,12 +200,6 @@ def _backprop_tiles(
     d_scale = (q_s * dq).sum() / scale.to(dq.dtype)
     dq.mul_(scale.to(dq.dtype))
     return dq.to(q.dtype), dk.to(k.dtype), d_scale
-
-
-def diagonal_scores(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    r"""The positives :math:`s_{ii} = \sigma\, q_i \cdot k_i` for i < B, in O(B·D), in the compute dtype. (B,)"""
-    dtype = compute_dtype(q.dtype)
-    return (q.to(dtype) * k[: q.shape[0]].to(dtype)).sum(-1) * scale.to(dtype)
 
 
 def _lse_rows(q: torch.Tensor, k: torch.Tensor, *, mask_diagonal: bool, clip: float | None) -> torch.Tensor:

@@ -30,8 +30,15 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rid_fast import functional
-from rid_fast.rid import REDUNDANCY_ESTIMATORS, GaussianRedundancy, RIDLoss, RIDSchedule, match_shapes, pool_to_vector
+from rid_fast.distill.rid import (
+    REDUNDANCY_ESTIMATORS,
+    GaussianRedundancy,
+    RIDLoss,
+    RIDSchedule,
+    match_shapes,
+    pool_to_vector,
+)
+from rid_fast.mi import functional
 
 __all__ = [
     "Outputs",
@@ -212,7 +219,7 @@ class CRD(DistillationMethod):
 
 
 class RID(DistillationMethod):
-    """Redundant information distillation (see :mod:`rid_fast.rid`): alternating filter and
+    """Redundant information distillation (see :mod:`rid_fast.distill.rid`): alternating filter and
     student phases; ``weight`` is α."""
 
     phases = ("filter", "student")
@@ -284,7 +291,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
 
 def resolve_method(name: str) -> tuple[type[DistillationMethod], dict]:
     """Class and preset options for a method name: a key of :data:`METHODS`, or
-    ``rid_<estimator>`` with an estimator of :data:`rid_fast.rid.REDUNDANCY_ESTIMATORS`."""
+    ``rid_<estimator>`` with an estimator of :data:`rid_fast.distill.rid.REDUNDANCY_ESTIMATORS`."""
     if name in METHODS:
         return METHODS[name], {}
     prefix, _, estimator = name.partition("_")

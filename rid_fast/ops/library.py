@@ -1,9 +1,9 @@
 r"""The score-matrix reductions as ``torch.library`` custom operators, with autograd.
 
-Each reduction of :math:`S = \sigma\, q k^\top` (math in :mod:`rid_fast.streaming`) is one custom
+Each reduction of :math:`S = \sigma\, q k^\top` (math in :mod:`rid_fast.ops.streaming`) is one custom
 op for the forward and one for the backward, taking a ``backend`` string:
 
-* ``"torch"`` — the streaming PyTorch implementation (:mod:`rid_fast.streaming`), any device;
+* ``"torch"`` — the streaming PyTorch implementation (:mod:`rid_fast.ops.streaming`), any device;
 * ``"triton"`` — the fused Triton kernels (:mod:`rid_fast.kernels`), CUDA tensors, or CPU tensors
   under the Triton interpreter.
 
@@ -42,7 +42,7 @@ from types import ModuleType
 
 import torch
 
-from rid_fast.streaming import compute_dtype
+from rid_fast.ops.common import compute_dtype
 
 __all__ = [
     "cross_entropy_rows",
@@ -58,7 +58,7 @@ __all__ = [
 
 def _backend(name: str) -> ModuleType:
     if name == "torch":
-        from rid_fast import streaming
+        from rid_fast.ops import streaming
 
         return streaming
     if name == "triton":
@@ -174,11 +174,11 @@ softplus_negatives_with_weighted_keys = _define(
 
 def _define_mean_with_grad():
     """``rid_fast::cross_entropy_rows_mean_with_grad``: (L, dq, dk, dσ) for the mean row
-    cross-entropy L, from :func:`rid_fast.streaming.cross_entropy_rows_mean_and_grad`. Only L is
+    cross-entropy L, from :func:`rid_fast.ops.streaming.cross_entropy_rows_mean_and_grad`. Only L is
     differentiable; its backward scales the precomputed gradients by the incoming gradient."""
 
     def impl(q, k, scale):
-        from rid_fast import streaming
+        from rid_fast.ops import streaming
 
         return streaming.cross_entropy_rows_mean_and_grad(q, k, scale)
 

@@ -100,25 +100,25 @@ def js_from_scores(scores: torch.Tensor) -> torch.Tensor:
 
 
 def infonce(x, y, *, temperature=0.1, critic="dot", symmetric=False) -> torch.Tensor:
-    """Oracle of :func:`rid_fast.functional.infonce`."""
+    """Oracle of :func:`rid_fast.mi.functional.infonce`."""
     return infonce_from_scores(critic_scores(x, y, temperature=temperature, critic=critic), symmetric=symmetric)
 
 
 def nwj(x, y, *, temperature=0.1, critic="dot") -> torch.Tensor:
-    """Oracle of :func:`rid_fast.functional.nwj`."""
+    """Oracle of :func:`rid_fast.mi.functional.nwj`."""
     return nwj_from_scores(critic_scores(x, y, temperature=temperature, critic=critic))
 
 
 def dv(x, y, *, temperature=0.1, critic="dot") -> torch.Tensor:
-    """Oracle of :func:`rid_fast.functional.dv`."""
+    """Oracle of :func:`rid_fast.mi.functional.dv`."""
     return dv_from_scores(critic_scores(x, y, temperature=temperature, critic=critic))
 
 
 def smile(x, y, *, temperature=0.1, critic="dot", clip=5.0) -> torch.Tensor:
-    """Oracle of :func:`rid_fast.functional.smile`."""
+    """Oracle of :func:`rid_fast.mi.functional.smile`."""
     return smile_from_scores(critic_scores(x, y, temperature=temperature, critic=critic), clip=clip)
 
 
 def js(x, y, *, temperature=0.1, critic="dot") -> torch.Tensor:
-    """Oracle of :func:`rid_fast.functional.js`."""
+    """Oracle of :func:`rid_fast.mi.functional.js`."""
     return js_from_scores(critic_scores(x, y, temperature=temperature, critic=critic))

@@ -20,7 +20,7 @@ The redundancy term :math:`D_k` is minus an estimate of :math:`I(f_{t,k}(T_k); f
   + 10^{-3}` per channel, :math:`\rho_k` a Parameter initialised so that :math:`\sigma^2 \approx 5`.
   (The official code writes :math:`\sigma^4` in the student phase where the Gaussian bound needs
   :math:`\log\sigma^2`; rid_fast uses :math:`\log\sigma^2`.)
-* any estimator of :mod:`rid_fast.estimators` (``"infonce"``, ``"nwj"``, ``"dv"``, ``"smile"``,
+* any estimator of :mod:`rid_fast.mi.estimators` (``"infonce"``, ``"nwj"``, ``"dv"``, ``"smile"``,
   ``"js"``, ``"mine"``) on the filtered features pooled to vectors, with a cosine critic (fixed
   temperature by default) — these run through the fused kernels.
 
@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rid_fast import estimators
-from rid_fast.critics import CosineCritic
+from rid_fast.mi import estimators
+from rid_fast.mi.critics import CosineCritic
 
 __all__ = [
     "RIDLoss",
@@ -223,7 +223,7 @@ class RIDLoss(nn.Module):
         temperature: critic temperature of contrastive estimators.
         learn_temperature: train that temperature (off by default: a learned temperature tends
             to collapse, and the term's gradient grows like 1/τ until it drowns the student's CE).
-        impl: implementation of contrastive estimators (see :mod:`rid_fast.functional`).
+        impl: implementation of contrastive estimators (see :mod:`rid_fast.mi.functional`).
         grid: 4-D features are average-pooled to at most ``grid × grid`` before filtering. Q, the
             filtered teacher representation, is then exactly what the head reads: finer spatial
             detail, unconstrained by the label, is nuisance the student should not be asked to copy.

@@ -13,7 +13,7 @@ inputs).
 * ``"torch"`` — streaming PyTorch: blockwise, online log-sum-exp, recompute in backward;
   memory O((B+N)·D + block²) (one-sided InfoNCE under autograd: gradients computed in the
   forward's sweep over strips of whole rows, O((B+N)·D + strip), where the strips are thick
-  enough to pay — see :func:`rid_fast.streaming.one_sweep_pays`);
+  enough to pay — see :func:`rid_fast.ops.streaming.one_sweep_pays`);
 * ``"triton"`` — fused Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``); under
   autograd with 16-bit inputs and D ≤ 128 the forward of the one-sided estimators also forms
   dq's weighted keys, so the backward sweeps once (for dk) instead of twice;
@@ -43,37 +43,42 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rid_fast import ops, reference
-from rid_fast.critics import CRITICS, critic_factors
-from rid_fast.dispatch import check_choice, check_pair, check_positive, check_temperature, resolve_impl
-from rid_fast.streaming import diagonal_scores, one_sweep_pays
+from rid_fast.mi import reference
+from rid_fast.mi.critics import CRITICS, Critic, critic_factors
+from rid_fast.ops import library
+from rid_fast.ops.common import diagonal_scores
+from rid_fast.ops.dispatch import (
+    check_choice,
+    check_pair,
+    check_positive,
+    check_temperature,
+    resolve_impl,
+    wants_grad,
+    weighted_keys_in_forward,
+)
+from rid_fast.ops.streaming import one_sweep_pays
 
-__all__ = ["ESTIMATORS", "infonce", "nwj", "dv", "smile", "js", "mi_bound"]
+__all__ = ["ESTIMATORS", "infonce", "nwj", "dv", "smile", "js", "mi_bound", "estimate"]
 
 
 # ---- estimator terms from the factors of S = σ q kᵀ (streaming / Triton backends) ----------
-
-
-def _wants_grad(q: Tensor, k: Tensor, scale: Tensor) -> bool:
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or scale.requires_grad)
 
 
 def _row_statistic(op: Callable, weighted_op: Callable, q: Tensor, k: Tensor, scale: Tensor, *args) -> Tensor:
     """``op(q, k, scale, *args)`` — or, when training on the Triton backend where the forward can
     also form dq's weighted keys, the same statistic from ``weighted_op`` (whose backward then
     sweeps only for dk). ``args`` end with the backend."""
-    if args[-1] == "triton" and _wants_grad(q, k, scale):
-        from rid_fast.kernels import weighted_keys_in_forward
-
-        if weighted_keys_in_forward(q):
-            return weighted_op(q, k, scale, *args)[0]
+    if weighted_keys_in_forward(q, k, scale, args[-1]):
+        return weighted_op(q, k, scale, *args)[0]
     return op(q, k, scale, *args)
 
 
 def log_mean_exp_negatives(q: Tensor, k: Tensor, scale: Tensor, backend: str, clip: float | None = None) -> Tensor:
     r""":math:`\log \operatorname{mean}_{i\ne j} e^{c(s_{ij})}` from per-row off-diagonal log-sum-exps."""
     n_queries, n_keys = q.shape[0], k.shape[0]
-    row_lse = _row_statistic(ops.lse_negatives, ops.lse_negatives_with_weighted_keys, q, k, scale, clip, backend)
+    row_lse = _row_statistic(
+        library.lse_negatives, library.lse_negatives_with_weighted_keys, q, k, scale, clip, backend
+    )
     # O(B) work: combine the rows in float64 so that only the per-row statistics carry fp32 roundoff
     # (NWJ exponentiates this value, turning absolute error into relative error).
     total = torch.logsumexp(row_lse.double(), dim=0) - math.log(n_queries * (n_keys - 1))
@@ -83,19 +88,21 @@ def log_mean_exp_negatives(q: Tensor, k: Tensor, scale: Tensor, backend: str, cl
 def _one_sweep(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> bool:
     """Train InfoNCE with gradients from the forward's sweep (streaming backend, autograd on, and
     a shape where that is faster)."""
-    return backend == "torch" and _wants_grad(q, k, scale) and one_sweep_pays(q.shape[0], k.shape[0], q.dtype)
+    return backend == "torch" and wants_grad(q, k, scale) and one_sweep_pays(q.shape[0], k.shape[0], q.dtype)
 
 
 def _infonce_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str, symmetric: bool = False) -> Tensor:
     # InfoNCE is minus the mean cross-entropy of each row against its diagonal target, plus log N.
     if symmetric:
-        loss_rows, loss_cols = ops.cross_entropy_rows_cols(q, k, scale, backend)
+        loss_rows, loss_cols = library.cross_entropy_rows_cols(q, k, scale, backend)
         loss = 0.5 * (loss_rows + loss_cols)
     elif _one_sweep(q, k, scale, backend):
         # Training on the streaming path: the gradients come from the forward's own sweep.
-        loss = ops.cross_entropy_rows_mean_with_grad(q, k, scale)[0]
+        loss = library.cross_entropy_rows_mean_with_grad(q, k, scale)[0]
     else:
-        loss = _row_statistic(ops.cross_entropy_rows, ops.cross_entropy_rows_with_weighted_keys, q, k, scale, backend)
+        loss = _row_statistic(
+            library.cross_entropy_rows, library.cross_entropy_rows_with_weighted_keys, q, k, scale, backend
+        )
     return math.log(k.shape[0]) - loss.mean()
 
 
@@ -115,7 +122,9 @@ def _smile_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str, clip: floa
 def _js_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> Tensor:
     n_queries, n_keys = q.shape[0], k.shape[0]
     positives = -F.softplus(-diagonal_scores(q, k, scale)).mean()
-    sums = _row_statistic(ops.softplus_negatives, ops.softplus_negatives_with_weighted_keys, q, k, scale, backend)
+    sums = _row_statistic(
+        library.softplus_negatives, library.softplus_negatives_with_weighted_keys, q, k, scale, backend
+    )
     negatives = sums.sum() / (n_queries * (n_keys - 1))
     return positives - negatives
 
@@ -141,7 +150,73 @@ ESTIMATORS: dict[str, Estimator] = {
 }
 
 
-def _estimate(
+def _dv_terms_from_scores(scores: Tensor) -> tuple[Tensor, Tensor]:
+    return scores.diagonal().mean(), reference.log_mean_exp_negatives(scores)
+
+
+def _dv_terms_from_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    return diagonal_scores(q, k, scale).mean(), log_mean_exp_negatives(q, k, scale, backend)
+
+
+#: DV's two terms apart, (mean positive score, log mean exp of the negatives): what MINE needs to
+#: correct the partition term's gradient.
+DV_TERMS = Estimator(_dv_terms_from_scores, _dv_terms_from_factors)
+
+
+class NamedCritic:
+    """The critic of the functional API: ``"dot"`` or ``"cosine"`` at ``temperature`` (a number
+    or a one-element tensor, learnable), with the interface of :class:`rid_fast.mi.critics.Critic`."""
+
+    separable = True
+    same_features = True
+
+    def __init__(self, name: str, temperature: float | Tensor, *, check_values: bool = True) -> None:
+        check_choice("critic", name, CRITICS)
+        check_temperature(temperature, check_values=check_values)
+        self.name, self.temperature = name, temperature
+
+    def factors(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return critic_factors(x, y, temperature=self.temperature, critic=self.name)
+
+    def scores(self, x: Tensor, y: Tensor) -> Tensor:
+        return reference.critic_scores(x, y, temperature=self.temperature, critic=self.name)
+
+
+def estimate(
+    estimator: str | Estimator,
+    x: Tensor,
+    y: Tensor,
+    critic: Critic | NamedCritic,
+    *,
+    impl: str = "auto",
+    check_values: bool = True,
+    **options,
+):
+    """The one front door of every estimator, functional or module: validate ``x`` and ``y`` for
+    ``critic``, pick the implementation, and evaluate ``estimator`` (a name of
+    :data:`ESTIMATORS`, or an :class:`Estimator`) with ``options``.
+
+    Separable critics run on the streaming or fused backends from their factors (q, k, σ); the
+    reference implementation and non-separable critics reduce the materialised score matrix.
+    """
+    if isinstance(estimator, str):
+        estimator = ESTIMATORS[estimator]
+    check_pair(
+        x,
+        y,
+        same_features=critic.same_features,
+        square=options.get("symmetric", False),
+        needs_negatives=estimator.needs_negatives,
+        check_values=check_values,
+    )
+    backend = resolve_impl(impl, x.device, x.dtype)
+    if backend == "reference" or not critic.separable:
+        return estimator.from_scores(critic.scores(x, y), **options)
+    q, k, scale = critic.factors(x, y)
+    return estimator.from_factors(*autocast_factors(q, k, backend), scale, backend, **options)
+
+
+def _named(
     name: str,
     x: Tensor,
     y: Tensor,
@@ -152,22 +227,11 @@ def _estimate(
     check_values: bool,
     **options,
 ) -> Tensor:
-    """Validate, pick the implementation, and evaluate estimator ``name`` with ``options``."""
-    estimator = ESTIMATORS[name]
-    check_choice("critic", critic, CRITICS)
-    check_temperature(temperature, check_values=check_values)
-    check_pair(
-        x,
-        y,
-        square=options.get("symmetric", False),
-        needs_negatives=estimator.needs_negatives,
-        check_values=check_values,
-    )
-    backend = resolve_impl(impl, x.device, x.dtype)
-    if backend == "reference":
-        return estimator.from_scores(reference.critic_scores(x, y, temperature=temperature, critic=critic), **options)
-    q, k, scale = critic_factors(x, y, temperature=temperature, critic=critic)
-    return estimator.from_factors(*autocast_factors(q, k, backend), scale, backend, **options)
+    """Estimator ``name`` with a critic given by name (the public functions below)."""
+    return estimate(
+        name, x, y, NamedCritic(critic, temperature, check_values=check_values), impl=impl, check_values=check_values,
+        **options,
+    )  # fmt: skip
 
 
 def autocast_factors(q: Tensor, k: Tensor, backend: str) -> tuple[Tensor, Tensor]:
@@ -205,7 +269,7 @@ def infonce(
         >>> float(infonce(x, y, critic="cosine", symmetric=True)) > 0
         True
     """
-    return _estimate(
+    return _named(
         "infonce",
         x,
         y,
@@ -241,7 +305,7 @@ def nwj(
         >>> nwj(x, y, temperature=1.0, critic="cosine").shape
         torch.Size([])
     """
-    return _estimate("nwj", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values)
+    return _named("nwj", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values)
 
 
 def dv(
@@ -256,7 +320,7 @@ def dv(
     r"""Donsker–Varadhan bound (the value MINE maximises):
     :math:`\hat I = \operatorname{mean}_i s_{ii} - \log\operatorname{mean}_{i\ne j} e^{s_{ij}}`.
 
-    Its mini-batch gradient is biased; :class:`rid_fast.estimators.MINE` corrects it with an
+    Its mini-batch gradient is biased; :class:`rid_fast.mi.estimators.MINE` corrects it with an
     exponential moving average. Needs N ≥ 2.
 
     Shape:
@@ -268,7 +332,7 @@ def dv(
         >>> float(dv(x, y, temperature=0.5, critic="cosine")) > 0
         True
     """
-    return _estimate("dv", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values)
+    return _named("dv", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values)
 
 
 def smile(
@@ -298,7 +362,7 @@ def smile(
         True
     """
     check_positive("clip", clip)
-    return _estimate(
+    return _named(
         "smile", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values, clip=clip
     )
 
@@ -328,7 +392,7 @@ def js(
         >>> float(js(x, y, temperature=0.5, critic="cosine")) < 0
         True
     """
-    return _estimate("js", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values)
+    return _named("js", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values)
 
 
 _PUBLIC: dict[str, Callable[..., Tensor]] = {"infonce": infonce, "nwj": nwj, "dv": dv, "smile": smile, "js": js}

@@ -46,6 +46,23 @@ def triton_status(device: torch.device | str | None = None) -> tuple[bool, str]:
     return False, f"Triton kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
 
 
+def wants_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will need gradients of any of ``tensors`` here."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def weighted_keys_in_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, backend: str) -> bool:
+    """Whether training's forward should also form dq's weighted keys u (:mod:`rid_fast.kernels`),
+    so that the backward sweeps only for dk: on the Triton backend, under autograd, where u fits
+    the kernel (:func:`rid_fast.kernels.keys_fit`), unless ``RID_FAST_FORWARD_KEYS=0`` (the
+    backward then sweeps for dq as well; e.g. to compare the two on a GPU)."""
+    if backend != "triton" or not wants_grad(q, k, scale) or os.environ.get("RID_FAST_FORWARD_KEYS", "1") == "0":
+        return False
+    from rid_fast.kernels import keys_fit
+
+    return keys_fit(q.dtype, q.shape[1])
+
+
 def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
     """``ValueError`` unless ``value`` is one of ``choices``."""
     choices = tuple(choices)
@@ -78,7 +95,8 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = No
     return impl
 
 
-def _describe(t: torch.Tensor) -> str:
+def describe_tensor(t: torch.Tensor) -> str:
+    """``shape (…), dtype …, device …``: how error messages name a tensor."""
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
@@ -89,11 +107,11 @@ def check_matrix(name: str, t: object) -> None:
     if not t.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64); got {t.dtype}")
     if t.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D tensor (rows, features); got {_describe(t)}")
+        raise ValueError(f"{name} must be a 2-D tensor (rows, features); got {describe_tensor(t)}")
     if t.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (0 rows); an estimate needs at least one pair")
     if t.shape[1] == 0:
-        raise ValueError(f"{name} has 0 feature columns; got {_describe(t)}")
+        raise ValueError(f"{name} has 0 feature columns; got {describe_tensor(t)}")
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -102,7 +120,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         return
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf); {_describe(t)}")
+        raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf); {describe_tensor(t)}")
 
 
 def check_pair(
@@ -161,7 +179,7 @@ def check_temperature(temperature: object, *, check_values: bool = True) -> None
             f"temperature must be a positive number or a one-element tensor; got {type(temperature).__name__}"
         )
     if temperature.numel() != 1 or not temperature.is_floating_point():
-        raise ValueError(f"temperature tensor must hold one floating-point value; got {_describe(temperature)}")
+        raise ValueError(f"temperature tensor must hold one floating-point value; got {describe_tensor(temperature)}")
     if check_values and not _is_compiling():
         value = float(temperature.detach())
         if not math.isfinite(value) or value <= 0:

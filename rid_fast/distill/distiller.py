@@ -1,38 +1,54 @@
 """One-line distillation for any teacher/student pair.
 
-:class:`RIDDistiller` takes features by module path with forward hooks (or from a callable that
-returns them), keeps the teacher frozen in eval mode, optionally standardises the teacher's
-features per channel and replaces a fraction of their channels with noise (the paper's nuisance
-teacher), and hands everything to a distillation method from :data:`rid_fast.baselines.METHODS`.
+:class:`Distiller` (also importable as ``RIDDistiller``) takes features by module path with
+forward hooks (or from a callable that returns them), keeps the teacher frozen in eval mode,
+optionally standardises the teacher's features per channel and replaces a fraction of their
+channels with noise (the paper's nuisance teacher), and hands everything to a distillation method
+from :data:`rid_fast.distill.methods.METHODS`.
 
 Example::
 
     >>> import torch
-    >>> from rid_fast import RIDDistiller
+    >>> from rid_fast import Distiller
     >>> from rid_fast.models import MLP
     >>> teacher, student = MLP(64, [128, 128], 10), MLP(64, [16, 16], 10)
-    >>> distiller = RIDDistiller(student, teacher, student_layers=["blocks.0", "blocks.1"],
-    ...                          teacher_layers=["blocks.0", "blocks.1"], method="rid_gaussian",
-    ...                          num_classes=10, input_shape=(64,))
+    >>> distiller = Distiller(student, teacher, student_layers=["blocks.0", "blocks.1"],
+    ...                       teacher_layers=["blocks.0", "blocks.1"], method="rid_gaussian",
+    ...                       num_classes=10, input_shape=(64,))
     >>> out = distiller(torch.randn(32, 64), torch.randint(0, 10, (32,)), position=0, total=10)
     >>> sorted(k for k in out if not k.startswith(("filter_acc", "redundancy/")))
     ['filter_ce', 'logits', 'loss']
+    >>> distiller.close()  # removes the forward hooks from both networks
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rid_fast import baselines
-from rid_fast.baselines import Outputs
+from rid_fast.distill import methods
+from rid_fast.distill.methods import Outputs
 
-__all__ = ["RIDDistiller", "FeatureHooks", "TeacherFeatureTransform"]
+__all__ = ["Distiller", "RIDDistiller", "FeatureHooks", "TeacherFeatureTransform", "eval_mode"]
 
 FeatureFn = Callable[[nn.Module, Tensor], tuple[Tensor, Sequence[Tensor]]]
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the duration (BatchNorm statistics frozen, dropout off); its
+    mode, and that of every submodule, is restored afterwards, also when the body raises."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class FeatureHooks:
@@ -67,6 +83,7 @@ class FeatureHooks:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        self._handles = []
 
 
 class TeacherFeatureTransform(nn.Module):
@@ -115,14 +132,14 @@ class TeacherFeatureTransform(nn.Module):
         return out
 
 
-class RIDDistiller(nn.Module):
+class Distiller(nn.Module):
     """A student, a frozen teacher and a distillation method, for one training step at a time.
 
     Args:
         student, teacher: the networks; the teacher is frozen and kept in eval mode.
         student_layers, teacher_layers: module paths (``model.named_modules()`` names) whose
             outputs are distilled, paired in order.
-        method: a name of :data:`rid_fast.baselines.METHODS` or ``rid_<estimator>``.
+        method: a name of :data:`rid_fast.distill.methods.METHODS` or ``rid_<estimator>``.
         num_classes: number of classes (heads of RID's teacher filters).
         input_shape: one input without the batch dimension, to infer feature shapes.
         standardize_teacher: standardise teacher features per channel (call
@@ -135,6 +152,8 @@ class RIDDistiller(nn.Module):
     ``forward(x, y, position=..., total=...)`` runs the phase the method's schedule gives for
     ``position`` of ``total`` (epochs or steps) and returns a dict: ``loss`` (to minimise), each
     loss component, logged values (``redundancy/k`` …) and the student's ``logits`` (detached).
+    :meth:`eval_mode` evaluates without touching BatchNorm statistics; :meth:`close` removes the
+    forward hooks from both networks when the distiller is no longer needed.
     """
 
     def __init__(
@@ -164,8 +183,8 @@ class RIDDistiller(nn.Module):
         self._student_hooks = None if features is not None else FeatureHooks(student, student_layers, "student")
         self._teacher_hooks = None if features is not None else FeatureHooks(teacher, teacher_layers, "teacher")
         teacher_shapes, student_shapes = self._feature_shapes(input_shape)
-        method_cls, preset = baselines.resolve_method(method)
-        options = baselines.method_options(method, {**preset, **options}, strict=True)
+        method_cls, preset = methods.resolve_method(method)
+        options = methods.method_options(method, {**preset, **options}, strict=True)
         self.method = method_cls(teacher_shapes, student_shapes, num_classes, **options)
         self.teacher_transform = TeacherFeatureTransform(
             teacher_shapes, standardize=standardize_teacher, noise_fraction=teacher_noise_fraction, seed=noise_seed
@@ -181,17 +200,28 @@ class RIDDistiller(nn.Module):
     @torch.no_grad()
     def _feature_shapes(self, input_shape: Sequence[int]) -> tuple[list[tuple], list[tuple]]:
         probe = torch.zeros(2, *input_shape, device=next(self.student.parameters()).device)
-        was_training = self.student.training
-        self.student.eval()
-        _, s_feats = self.student_features(probe)
-        _, t_feats = self.teacher_outputs(probe)
-        self.student.train(was_training)
+        with eval_mode(self.student):
+            _, s_feats = self.student_features(probe)
+            _, t_feats = self.teacher_outputs(probe)
         return [tuple(f.shape[1:]) for f in t_feats], [tuple(f.shape[1:]) for f in s_feats]
 
-    def train(self, mode: bool = True) -> RIDDistiller:
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         self.teacher.eval()  # the teacher is frozen, BatchNorm statistics included
         return self
+
+    def eval_mode(self):
+        """Context manager: everything in eval mode for the duration, modes restored after.
+
+        >>> # with distiller.eval_mode(): logits, features = distiller.student_features(x)
+        """
+        return eval_mode(self)
+
+    def close(self) -> None:
+        """Remove the forward hooks from the student and the teacher (idempotent)."""
+        for hooks in (self._student_hooks, self._teacher_hooks):
+            if hooks is not None:
+                hooks.remove()
 
     def phase(self, position: int, total: int) -> str:
         """``"student"`` or ``"filter"`` (RID) at ``position`` of ``total``."""
@@ -242,13 +272,14 @@ class RIDDistiller(nn.Module):
         if phase == "student":
             student_logits, student_feats = self.student_features(x)
         else:  # the student is not trained in this phase: its BatchNorm statistics stay as they are
-            was_training = self.student.training
-            self.student.eval()
-            with torch.no_grad():
+            with eval_mode(self.student), torch.no_grad():
                 student_logits, student_feats = self.student_features(x)
-            self.student.train(was_training)
         outputs = Outputs(student_logits, teacher_logits, student_feats, teacher_feats)
         losses, logs = self.method.losses(outputs, y, phase, position, total)
         if phase == "student":
             losses = {"ce": F.cross_entropy(student_logits, y), **losses}
         return {"loss": sum(losses.values()), **losses, **logs, "logits": student_logits.detach()}
+
+
+#: The name under which the distiller was first published; every method runs through it.
+RIDDistiller = Distiller
