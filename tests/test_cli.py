@@ -47,7 +47,8 @@ def test_timed_steps_take_turns_across_cases(monkeypatch):
 def test_train_and_plot(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--config", "configs/digits_nuisance.yaml", "optim.epochs=2", "teacher.optim.epochs=1",
-            "data.per_class=5", f"run.out_dir={run}", "run.progress=false", "distill.method=rid_gaussian"]  # fmt: skip
+            "data.per_class=5", f"run.out_dir={run}", "run.progress=false", "distill.method=rid_gaussian",
+            "distill.n_rounds=1"]  # fmt: skip
     assert main(args) == 0
     assert "final:" in capsys.readouterr().out
     assert main(["plot", str(run)]) == 0
@@ -63,7 +64,8 @@ def test_train_cifar10_wrn_from_data_dir(tmp_path, cifar_archive, capsys):
     wrn = "{name: wrn, depth: 10, widen: 1}"
     args = ["train", "--config", "configs/cifar10_wrn.yaml", "--data-dir", str(tmp_path), f"teacher.model={wrn}",
             f"student.model={wrn}", "optim.epochs=1", "teacher.optim.epochs=1", "optim.batch_size=8",
-            "data.val_fraction=0.2", f"run.out_dir={tmp_path / 'run'}", "run.progress=false"]  # fmt: skip
+            "data.val_fraction=0.2", f"run.out_dir={tmp_path / 'run'}", "run.progress=false", "distill.n_rounds=1",
+            "distill.filter_fraction=0.5"]  # fmt: skip
     assert main(args) == 0
     assert "final:" in capsys.readouterr().out
 
@@ -77,7 +79,8 @@ def test_every_shipped_config_loads(path):
 def test_train_mnist1d(tmp_path, capsys):
     pytest.importorskip("mnist1d")
     args = ["train", "--config", "configs/mnist1d_nuisance.yaml", "optim.epochs=2", "teacher.optim.epochs=1",
-            "data.per_class=5", f"run.out_dir={tmp_path / 'run'}", "run.progress=false"]  # fmt: skip
+            "data.per_class=5", f"run.out_dir={tmp_path / 'run'}", "run.progress=false",
+            "distill.n_rounds=1"]  # fmt: skip
     assert main(args) == 0
     assert "final:" in capsys.readouterr().out
 

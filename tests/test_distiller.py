@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -25,13 +27,14 @@ def test_every_method_runs_a_step_in_every_phase(kind, method):
     student, teacher, input_shape = _pair(kind)
     distiller = Distiller(student, teacher, method=method, num_classes=10, input_shape=input_shape, **LAYERS)
     x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    distiller.fit_teacher_statistics(x)
     teacher_before = [p.clone() for p in teacher.parameters()]
     for phase in distiller.method.phases:
         params = distiller.parameters_for(phase)
         optimizer = torch.optim.SGD(params, lr=0.1) if params else None
-        position = 0 if phase == "filter" else 9  # RID: round 0 starts with its filter phase
-        out = distiller(x, y, position=position, total=10)
-        assert distiller.phase(position, 10) == phase
+        position = 0 if phase == "filter" else 24  # RID: round 0 starts with its filter phase
+        out = distiller(x, y, position=position, total=25)
+        assert distiller.phase(position, 25) == phase
         assert torch.isfinite(out["loss"])
         if optimizer is not None:
             optimizer.zero_grad()
@@ -46,7 +49,8 @@ def test_student_phase_returns_every_part():
     distiller = Distiller(
         student, teacher, method="rid_gaussian", num_classes=10, input_shape=shape, weight=2.0, **LAYERS
     )
-    out = distiller(torch.randn(8, 64), torch.randint(0, 10, (8,)), position=9, total=10)
+    distiller.fit_teacher_statistics(torch.randn(64, 64))
+    out = distiller(torch.randn(8, 64), torch.randint(0, 10, (8,)), position=24, total=25)
     assert {"loss", "ce", "redundancy", "redundancy/0", "redundancy/1", "logits"} <= set(out)
     torch.testing.assert_close(out["loss"], out["ce"] + out["redundancy"])
 
@@ -80,6 +84,7 @@ def test_features_from_a_callable():
         return model.head(model.blocks[1](h)), [h]
 
     distiller = Distiller(student, teacher, method="fitnets", num_classes=10, input_shape=shape, features=features)
+    distiller.fit_teacher_statistics(torch.randn(64, 64))
     assert torch.isfinite(distiller(torch.randn(8, 64), torch.randint(0, 10, (8,)))["loss"])
 
 
@@ -113,3 +118,103 @@ def test_bad_arguments_name_what_is_wrong():
         Distiller(student, teacher, method="kd", num_classes=10, input_shape=shape, estimator="gaussian", **LAYERS)
     with pytest.raises(ValueError, match="unknown distillation method 'rid_kl'"):
         resolve_method("rid_kl")
+
+
+def test_wrong_input_shape_is_named():
+    student, teacher, _ = _pair("mlp")
+    with pytest.raises(ValueError, match=r"input_shape=\(63,\): the student cannot run a batch of that shape"):
+        Distiller(student, teacher, method="vid", num_classes=10, input_shape=(63,), **LAYERS)
+    with pytest.raises(TypeError, match="input_shape must be a sequence of ints"):
+        Distiller(student, teacher, method="vid", num_classes=10, input_shape=64, **LAYERS)
+    with pytest.raises(ValueError, match="input_shape entries must be ≥ 1"):
+        Distiller(student, teacher, method="vid", num_classes=10, input_shape=(0,), **LAYERS)
+    distiller = Distiller(student, teacher, method="vid", num_classes=10, input_shape=(64,), **LAYERS)
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, 64\) as input_shape says; got \(8, 63\)"):
+        distiller(torch.randn(8, 63), torch.randint(0, 10, (8,)))
+    with pytest.raises(ValueError, match=r"y: expected shape \(8,\)"):
+        distiller(torch.randn(8, 64), torch.randint(0, 10, (7,)))
+
+
+def test_phases_and_positions_are_checked():
+    student, teacher, shape = _pair("mlp")
+    distiller = Distiller(student, teacher, method="rid_gaussian", num_classes=10, input_shape=shape, **LAYERS)
+    with pytest.raises(ValueError, match=r"phase must be one of 'filter', 'student' for RID; got 'teacher'"):
+        distiller.parameters_for("teacher")
+    with pytest.raises(ValueError, match=r"position must be in \[0, total\); got position=25, total=25"):
+        distiller.phase(25, 25)
+    with pytest.raises(ValueError, match="cannot give each of its 5 rounds a filter epoch and a student epoch in 10"):
+        distiller.phase(0, 10)
+    nokd = Distiller(student, teacher, method="nokd", num_classes=10, input_shape=shape, **LAYERS)
+    with pytest.raises(ValueError, match="phase must be one of 'student' for NoKD; got 'filter'"):
+        nokd.parameters_for("filter")
+
+
+def test_bad_method_weights_are_named():
+    student, teacher, shape = _pair("mlp")
+    for method in ("kd", "fitnets", "vid", "crd", "rid_gaussian"):
+        with pytest.raises(ValueError, match="weight must be a finite number ≥ 0; got -1"):
+            Distiller(student, teacher, method=method, num_classes=10, input_shape=shape, weight=-1.0, **LAYERS)
+    with pytest.raises(ValueError, match="num_classes must be ≥ 2"):
+        Distiller(student, teacher, method="rid_gaussian", num_classes=0, input_shape=shape, **LAYERS)
+
+
+def test_total_for_student_is_equal_student_steps_for_every_method():
+    student, teacher, shape = _pair("mlp")
+    totals = {}
+    for method in ("nokd", "kd", "vid", "rid_gaussian", "rid_infonce"):
+        distiller = Distiller(student, teacher, method=method, num_classes=10, input_shape=shape, **LAYERS)
+        totals[method] = distiller.total_for_student(100)
+        phases = [distiller.phase(p, totals[method]) for p in range(totals[method])]
+        assert phases.count("student") == 100
+        distiller.close()
+    assert totals == {"nokd": 100, "kd": 100, "vid": 100, "rid_gaussian": 125, "rid_infonce": 125}
+    rid = Distiller(student, teacher, method="rid_gaussian", num_classes=10, input_shape=shape, n_rounds=2,
+                    filter_fraction=0.25, schedule_unit="step", **LAYERS)  # fmt: skip
+    assert rid.total_for_student(24) == 32
+    with pytest.raises(ValueError, match="needs at least"):
+        Distiller(
+            student, teacher, method="rid_gaussian", num_classes=10, input_shape=shape, **LAYERS
+        ).total_for_student(4)
+
+
+def test_forward_before_fitting_teacher_statistics_warns_once():
+    student, teacher, shape = _pair("mlp")
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    distiller = Distiller(student, teacher, method="vid", num_classes=10, input_shape=shape, **LAYERS)
+    with pytest.warns(UserWarning, match=r"never fitted .* call fit_teacher_statistics"):
+        distiller(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distiller(x, y)  # once per distiller
+        fitted = Distiller(student, teacher, method="vid", num_classes=10, input_shape=shape, **LAYERS)
+        fitted.fit_teacher_statistics(torch.randn(64, 64))
+        fitted(x, y)
+        raw = Distiller(student, teacher, method="vid", num_classes=10, input_shape=shape, standardize_teacher=False,
+                        **LAYERS)  # fmt: skip
+        raw(x, y)
+        restored = Distiller(student, teacher, method="vid", num_classes=10, input_shape=shape, **LAYERS)
+        restored.load_state_dict(fitted.state_dict())  # a saved distiller's statistics count as fitted
+        restored(x, y)
+
+
+def test_paper_variant_in_the_distiller():
+    """The paper's system: raw teacher features, its schedule placement, and the student in training
+    mode during the filter phase (its BatchNorm statistics move, as in the official code)."""
+    x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    for variant, standardized, moves in (("rid_fast", True, False), ("paper", False, True)):
+        student, teacher, shape = _pair("cnn")
+        distiller = Distiller(student, teacher, method="rid_gaussian", num_classes=10, input_shape=shape,
+                              variant=variant, **LAYERS)  # fmt: skip
+        assert distiller.teacher_transform.standardize is standardized
+        assert distiller.method.schedule.placement == ("paper" if variant == "paper" else "even")
+        assert distiller.method.loss.variant == variant
+        distiller.train()
+        before = student.blocks[0][1].running_mean.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the default variant's unfitted statistics
+            distiller(x, y, position=0, total=25)
+        assert distiller.phase(0, 25) == "filter" and student.training
+        assert (not torch.equal(before, student.blocks[0][1].running_mean)) is moves
+    with pytest.raises(ValueError, match="variant='paper' fixes filter_hidden"):
+        Distiller(student, teacher, method="rid_gaussian", num_classes=10, input_shape=shape, variant="paper",
+                  filter_hidden=64, **LAYERS)  # fmt: skip

@@ -22,6 +22,8 @@ TINY = [
     "optim.epochs=5",
     "optim.batch_size=16",
     "run.progress=false",
+    "distill.n_rounds=2",  # RID: two rounds of a quarter filter epochs fit short runs (7 epochs for 5 student ones)
+    "distill.filter_fraction=0.25",
 ]
 
 
@@ -136,15 +138,31 @@ def test_pid_is_tracked_during_training(tmp_path):
 def test_rid_student_gets_as_many_updates_as_the_others(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, "distill.method=rid_gaussian", "optim.epochs=20"))
     trainer.train()
-    assert trainer.total_epochs() == 25
+    assert trainer.total_epochs() == 27  # 27 − round(27 / 4) = 20
     assert trainer.student_progress == pytest.approx(20.0)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [r["phase"] for r in rows].count("student") == 20
+
+
+def test_a_schedule_that_would_starve_the_student_is_refused_before_training(tmp_path):
+    """Five rounds of a fifth in the filter phase over 4 student epochs: five filter epochs and no
+    student training used to run to the end and exit 0."""
+    config = tiny_config(tmp_path, "distill.method=rid_gaussian", "distill.n_rounds=5", "distill.filter_fraction=0.2",
+                         "optim.epochs=4", "teacher.optim.epochs=1")  # fmt: skip
+    with pytest.raises(ValueError, match=r"needs at least 18 student epochs \(23 epochs in all\); asked for 4"):
+        Trainer(config)
+    no_equal = tiny_config(tmp_path, "distill.method=rid_gaussian", "distill.n_rounds=5", "optim.epochs=6",
+                           "distill.equal_student_steps=false", "teacher.optim.epochs=1")  # fmt: skip
+    with pytest.raises(ValueError, match="cannot give each of its 5 rounds a filter epoch and a student epoch in 6"):
+        Trainer(no_equal)
 
 
 def test_compare_end_to_end(tmp_path, monkeypatch):
     config = load_config(
         None,
-        [*TINY, "optim.epochs=2", "compare.methods=[nokd, vid, rid_gaussian]", "compare.teachers=[trained, untrained]"],
-    )
+        [*TINY, "optim.epochs=2", "distill.n_rounds=1", "compare.methods=[nokd, vid, rid_gaussian]",
+         "compare.teachers=[trained, untrained]"],
+    )  # fmt: skip
     monkeypatch.setattr(compare.os, "cpu_count", lambda: 2)  # two worker processes of one thread each
     rows = run_compare(config, tmp_path / "cmp", seeds=2, workers=2)
     assert len(rows) == 2 * (1 + 2 * 2)
@@ -169,6 +187,53 @@ def test_compare_end_to_end(tmp_path, monkeypatch):
     assert all(r["red"] >= -1e-6 and r["uni_t"] >= -1e-6 and r["gap"] <= 1e-6 for r in pid_rows)
     assert "What was distilled" in (tmp_path / "cmp" / "report.md").read_text()
     assert len(list((tmp_path / "cmp" / "teachers").glob("*.pt"))) == 2  # one trained teacher per seed
+
+
+class _CountingTrainer(Trainer):
+    """Counts the steps each run's student optimizer takes."""
+
+    student_steps: dict[str, int] = {}
+
+    def train(self, **kwargs):
+        name = f"{self.config.distill.method}_{self.config.teacher.kind}"
+        self.student_steps[name] = 0
+
+        def count(optimizer, args, kwargs):
+            self.student_steps[name] += 1
+
+        handle = self.optimizers["student"].register_step_post_hook(count)
+        try:
+            return super().train(**kwargs)
+        finally:
+            handle.remove()
+
+
+@pytest.mark.parametrize("unit,epochs,rid_epochs", [("epoch", 7, 9), ("step", 7, 10)])
+def test_compare_gives_every_student_the_same_number_of_optimizer_steps(
+    tmp_path, monkeypatch, unit, epochs, rid_epochs
+):
+    """Equal student steps in a comparison: no-KD, VID and both RIDs each take optim.epochs × 4
+    student steps (60 images in batches of 16); RID's filter epochs (or steps) come on top."""
+    methods = "compare.methods=[nokd, vid, rid_gaussian, rid_infonce]"
+    overrides = [f"optim.epochs={epochs}", f"distill.schedule_unit={unit}", "compare.pid=false", methods]
+    config = load_config(None, [*TINY, *overrides, "compare.teachers=[trained]"])
+    monkeypatch.setattr(compare, "Trainer", _CountingTrainer)
+    _CountingTrainer.student_steps = {}
+    run_compare(config, tmp_path / "cmp", seeds=1, workers=1)
+    steps = epochs * 4
+    # (no-KD is given the first teacher, which it ignores)
+    assert _CountingTrainer.student_steps == {
+        "nokd_trained": steps,
+        "vid_trained": steps,
+        "rid_gaussian_trained": steps,
+        "rid_infonce_trained": steps,
+    }
+    runs = tmp_path / "cmp" / "runs"
+    rid_rows = list(csv.DictReader(open(runs / "rid_gaussian_trained_seed0" / "metrics.csv")))
+    nokd_rows = list(csv.DictReader(open(runs / "nokd_none_seed0" / "metrics.csv")))
+    # epochs: 9 = 7 student + 2 filter; steps: 37 = 28 student + 9 filter steps, the last epoch 1 step long
+    assert len(nokd_rows) == epochs and len(rid_rows) == rid_epochs
+    assert any("filter" in r["phase"] for r in rid_rows)
 
 
 def test_compare_in_parallel_matches_one_process(tmp_path, monkeypatch):

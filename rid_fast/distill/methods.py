@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rid_fast.distill._checks import check_int, check_number
 from rid_fast.distill.rid import (
     REDUNDANCY_ESTIMATORS,
     GaussianRedundancy,
@@ -81,10 +82,21 @@ class DistillationMethod(nn.Module):
     def schedule_unit(self) -> str:
         return "epoch"
 
+    def total_for_student(self, student_positions: int) -> int:
+        """Length of a schedule (in :attr:`schedule_unit`) with exactly ``student_positions``
+        student-phase positions: the identity for methods that have no other phase."""
+        check_int("student_positions", student_positions, 1)
+        return student_positions
+
     @property
-    def non_student_share(self) -> float:
-        """Share of the schedule's positions spent outside the student phase."""
-        return 0.0
+    def standardizes_teacher(self) -> bool:
+        """Whether the distiller standardises teacher features unless told otherwise."""
+        return True
+
+    @property
+    def student_eval_outside_its_phase(self) -> bool:
+        """Whether the student runs in eval mode (BatchNorm statistics frozen) in other phases."""
+        return True
 
     def losses(self, outputs: Outputs, labels: Tensor, phase: str, position: int, total: int) -> tuple[Losses, Losses]:
         raise NotImplementedError
@@ -111,6 +123,8 @@ class KD(DistillationMethod):
         self, teacher_shapes, student_shapes, num_classes, *, weight: float = 1.0, kd_temperature: float = 4.0
     ):
         super().__init__()
+        check_number("weight", weight, minimum=0.0)
+        check_number("kd_temperature", kd_temperature, minimum=0.0, inclusive=False)
         self.weight, self.kd_temperature = weight, kd_temperature
 
     def losses(self, outputs, labels, phase, position, total):
@@ -148,6 +162,7 @@ class FitNets(DistillationMethod):
 
     def __init__(self, teacher_shapes, student_shapes, num_classes, *, weight: float = 1.0):
         super().__init__()
+        check_number("weight", weight, minimum=0.0)
         self.weight = weight
         self.regressors = nn.ModuleList(_regressor(s, t, depth=1) for t, s in zip(teacher_shapes, student_shapes))
 
@@ -165,6 +180,7 @@ class VID(DistillationMethod):
 
     def __init__(self, teacher_shapes, student_shapes, num_classes, *, weight: float = 1.0):
         super().__init__()
+        check_number("weight", weight, minimum=0.0)
         self.weight = weight
         self.means = nn.ModuleList(_regressor(s, t, depth=3) for t, s in zip(teacher_shapes, student_shapes))
         self.variances = nn.ModuleList(GaussianRedundancy(t[0]) for t in teacher_shapes)
@@ -196,6 +212,9 @@ class CRD(DistillationMethod):
         embed_dim: int = 128,
     ):
         super().__init__()
+        check_number("weight", weight, minimum=0.0)
+        check_number("temperature", temperature, minimum=0.0, inclusive=False)
+        check_int("embed_dim", embed_dim, 1)
         self.weight, self.temperature = weight, temperature
         self.student_embed = nn.ModuleList(nn.Linear(s[0], embed_dim) for s in student_shapes)
         self.teacher_embed = nn.ModuleList(nn.Linear(t[0], embed_dim) for t in teacher_shapes)
@@ -220,7 +239,10 @@ class CRD(DistillationMethod):
 
 class RID(DistillationMethod):
     """Redundant information distillation (see :mod:`rid_fast.distill.rid`): alternating filter and
-    student phases; ``weight`` is α."""
+    student phases; ``weight`` is α. ``variant="paper"`` is the official code's system: its loss
+    (:class:`~rid_fast.distill.rid.RIDLoss`), its schedule placement (unless ``schedule_placement``
+    says otherwise), unstandardised teacher features (unless the distiller is told otherwise) and
+    the student in training mode during the filter phase, as there."""
 
     phases = ("filter", "student")
 
@@ -239,8 +261,11 @@ class RID(DistillationMethod):
         schedule_unit: str = "epoch",
         redundancy_from_round: int = 1,
         min_variance: float = 1e-3,
+        variant: str = "rid_fast",
+        schedule_placement: str | None = None,
     ):
         super().__init__()
+        check_number("weight", weight, minimum=0.0)
         self.loss = RIDLoss(
             teacher_shapes,
             student_shapes,
@@ -250,16 +275,28 @@ class RID(DistillationMethod):
             filter_hidden=filter_hidden,
             temperature=temperature,
             min_variance=min_variance,
+            variant=variant,
         )
-        self.schedule = RIDSchedule(n_rounds, filter_fraction, schedule_unit, redundancy_from_round)
+        if schedule_placement is None:
+            schedule_placement = "paper" if variant == "paper" else "even"
+        self.schedule = RIDSchedule(n_rounds, filter_fraction, schedule_unit, redundancy_from_round, schedule_placement)
 
     @property
     def schedule_unit(self) -> str:
         return self.schedule.unit
 
+    def total_for_student(self, student_positions: int) -> int:
+        return self.schedule.total_for_student(student_positions)
+
     @property
-    def non_student_share(self) -> float:
-        return self.schedule.filter_fraction
+    def standardizes_teacher(self) -> bool:
+        return self.loss.variant != "paper"
+
+    @property
+    def student_eval_outside_its_phase(self) -> bool:
+        # The official code runs the student in training mode in both phases (batch statistics in
+        # its BatchNorm layers, running averages updated).
+        return self.loss.variant != "paper"
 
     def phase(self, position: int, total: int) -> str:
         return self.schedule.phase(position, total)

@@ -17,12 +17,27 @@ The redundancy term :math:`D_k` is minus an estimate of :math:`I(f_{t,k}(T_k); f
 
 * ``"gaussian"`` (the paper's): :math:`D_k = \operatorname{mean}\big(\log\sigma_k^2 +
   (f_{s,k}(S_k) - f_{t,k}(T_k))^2 / \sigma_k^2\big)`, :math:`\sigma_k^2 = \mathrm{softplus}(\rho_k)
-  + 10^{-3}` per channel, :math:`\rho_k` a Parameter initialised so that :math:`\sigma^2 \approx 5`.
-  (The official code writes :math:`\sigma^4` in the student phase where the Gaussian bound needs
-  :math:`\log\sigma^2`; rid_fast uses :math:`\log\sigma^2`.)
+  + 10^{-3}` per channel, :math:`\rho_k` a Parameter initialised so that :math:`\sigma^2 \approx 5`,
+  the mean over batch, channels and positions. (The official code writes :math:`\sigma^4` in the
+  student phase where the Gaussian bound needs :math:`\log\sigma^2`; rid_fast uses :math:`\log\sigma^2`.)
 * any estimator of :mod:`rid_fast.mi.estimators` (``"infonce"``, ``"nwj"``, ``"dv"``, ``"smile"``,
   ``"js"``, ``"mine"``) on the filtered features pooled to vectors, with a cosine critic (fixed
   temperature by default) — these run through the fused kernels.
+
+Two variants (``RIDLoss(variant=...)``):
+
+* ``"rid_fast"`` (the default): 4-D features average-pooled to at most ``grid × grid`` (4) before
+  the filters, filters ending in a BatchNorm without affine parameters, one hidden width for every
+  filter, a Flatten → Linear head, PyTorch's default initialisation, and the filter-phase value
+  of the Gaussian term including its (constant there) :math:`\operatorname{mean}\log\sigma^2`.
+* ``"paper"``: the official code's system (its CIFAR-10 ``REDStudentMultistepAlternating``), except
+  :math:`\log\sigma^2` for :math:`\sigma^4`: full-resolution maps (pooled only where teacher and
+  student sizes differ), filters 1×1 conv (width :math:`C_t` for the teacher's, :math:`2C_s` for
+  the student's) → BatchNorm → ReLU → 1×1 conv to :math:`C_s` channels with nothing after it, a
+  Flatten → ReLU → Linear head, Kaiming-uniform weights (fan-out, ReLU gain) and zero biases,
+  :math:`\rho = 5` at the start, and a filter-phase term :math:`\operatorname{mean}((s-t)^2/\sigma^2)`
+  without :math:`\log\sigma^2`. Only the Gaussian estimator; options that would change any of these
+  are refused.
 
 Example::
 
@@ -39,12 +54,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rid_fast.distill._checks import check_int, check_number
+from rid_fast.distill.schedule import RIDSchedule
 from rid_fast.mi import estimators
 from rid_fast.mi.critics import CosineCritic
 
@@ -53,8 +69,10 @@ __all__ = [
     "RIDSchedule",
     "GaussianRedundancy",
     "REDUNDANCY_ESTIMATORS",
+    "VARIANTS",
     "make_filter",
     "make_head",
+    "paper_init",
     "match_shapes",
     "pool_to_vector",
 ]
@@ -69,20 +87,28 @@ _CONTRASTIVE = {
 }
 #: Names accepted for ``RIDLoss(estimator=...)``.
 REDUNDANCY_ESTIMATORS = ("gaussian", *_CONTRASTIVE)
+#: Names accepted for ``RIDLoss(variant=...)`` (see the module notes).
+VARIANTS = ("rid_fast", "paper")
+#: The official code's initial variance parameter: σ² = softplus(5) + 1e-3 ≈ 5.008.
+PAPER_INITIAL_RHO = 5.0
 
 
 class GaussianRedundancy(nn.Module):
     r"""The paper's Gaussian variational redundancy term, a loss to minimise:
     :math:`D = \operatorname{mean}(\log\sigma^2 + (s - t)^2/\sigma^2)` with a learned per-channel
-    variance :math:`\sigma^2 = \mathrm{softplus}(\rho) + 10^{-3}`.
+    variance :math:`\sigma^2 = \mathrm{softplus}(\rho) + \sigma^2_{\min}`. Up to the (unknown)
+    entropy of T and a constant, :math:`-D/2` is a lower bound on :math:`I(T;S)`.
 
-    Shape: student, teacher (B, C) or (B, C, H, W) → scalar. ``estimate(...)`` is the matching
-    lower bound on :math:`I(T;S)` up to the (unknown) entropy of T: :math:`-D/2`.
+    Shape: student, teacher (B, C) or (B, C, H, W) → scalar (the mean over every element).
+    ``forward(..., log_variance=False)`` leaves out :math:`\log\sigma^2`, a constant where σ is not
+    trained (the official code's filter phase).
     """
 
     def __init__(self, channels: int, initial_variance: float = 5.0, min_variance: float = 1e-3) -> None:
         super().__init__()
-        if not 0 < min_variance < initial_variance:
+        check_int("channels", channels, 1)
+        check_number("min_variance", min_variance, minimum=0.0, inclusive=False)
+        if not min_variance < initial_variance:
             raise ValueError(f"need 0 < min_variance < initial_variance; got {min_variance}, {initial_variance}")
         self.min_variance = min_variance
         # softplus(ρ) + min_variance = initial_variance
@@ -93,40 +119,46 @@ class GaussianRedundancy(nn.Module):
     def variance(self) -> Tensor:
         return F.softplus(self.rho) + self.min_variance
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def forward(self, student: Tensor, teacher: Tensor, *, log_variance: bool = True) -> Tensor:
         variance = self.variance.view(1, -1, *([1] * (student.dim() - 2)))
-        return (variance.log() + (student - teacher).pow(2) / variance).mean()
+        scaled = (student - teacher).pow(2) / variance
+        return (variance.log() + scaled).mean() if log_variance else scaled.mean()
 
 
-def make_filter(in_shape: Sequence[int], out_channels: int, hidden: int | None = None) -> nn.Module:
-    """1×1 conv–BN–ReLU–1×1 conv for (C, H, W) features, Linear–BN–ReLU–Linear for (C,) features,
-    each ending in a non-affine BatchNorm: filter outputs are standardised per channel, so the
-    redundancy term compares features on a fixed scale (the filters' CE heads would otherwise
-    inflate it, and with it the redundancy term's pull on the student)."""
+def make_filter(
+    in_shape: Sequence[int], out_channels: int, hidden: int | None = None, *, output_norm: bool = True
+) -> nn.Module:
+    """1×1 conv–BN–ReLU–1×1 conv for (C, H, W) features, Linear–BN–ReLU–Linear for (C,) features
+    (hidden width ``hidden``, default ``out_channels``). With ``output_norm`` (rid_fast's default)
+    the filter ends in a BatchNorm without affine parameters: its outputs are standardised per
+    channel, so the redundancy term compares features on a fixed scale (the filters' CE heads would
+    otherwise inflate them, and with them the redundancy term's pull on the student). The paper's
+    filters end at the second convolution."""
     hidden = hidden or out_channels
-    if len(in_shape) == 3:
-        return nn.Sequential(
-            nn.Conv2d(in_shape[0], hidden, 1, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(),
-            nn.Conv2d(hidden, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels, affine=False),
-        )
-    return nn.Sequential(
-        nn.Linear(in_shape[0], hidden, bias=False),
-        nn.BatchNorm1d(hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, out_channels, bias=False),
-        nn.BatchNorm1d(out_channels, affine=False),
-    )
+    conv = len(in_shape) == 3
+    linear = (lambda i, o: nn.Conv2d(i, o, 1, bias=False)) if conv else (lambda i, o: nn.Linear(i, o, bias=False))
+    norm = nn.BatchNorm2d if conv else nn.BatchNorm1d
+    layers = [linear(in_shape[0], hidden), norm(hidden), nn.ReLU(), linear(hidden, out_channels)]
+    if output_norm:
+        layers.append(norm(out_channels, affine=False))
+    return nn.Sequential(*layers)
 
 
-def make_head(in_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Linear classifier reading all of a filter's output, (C, g, g) maps flattened."""
-    size = 1
-    for extent in in_shape:
-        size *= extent
-    return nn.Sequential(nn.Flatten(), nn.Linear(size, num_classes))
+def make_head(in_shape: Sequence[int], num_classes: int, *, relu: bool = False) -> nn.Module:
+    """Linear classifier reading all of a filter's output, (C, g, g) maps flattened; with ``relu``
+    (the paper's head) a ReLU between the flattening and the linear layer."""
+    size = math.prod(in_shape)
+    return nn.Sequential(nn.Flatten(), *([nn.ReLU()] if relu else []), nn.Linear(size, num_classes))
+
+
+def paper_init(module: nn.Module) -> None:
+    """The official code's initialisation: Kaiming-uniform weights (fan-out, ReLU gain) for every
+    convolution and linear layer, zero biases (BatchNorm keeps PyTorch's: weight 1, bias 0)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_uniform_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def match_shapes(
@@ -171,6 +203,7 @@ class _LayerPair(nn.Module):
         student_shape,
         num_classes,
         *,
+        variant,
         estimator,
         channels,
         hidden,
@@ -181,17 +214,25 @@ class _LayerPair(nn.Module):
         min_variance,
     ):
         super().__init__()
+        paper = variant == "paper"
+        grid = None if paper else (4 if grid is None else grid)
         self.teacher_pool, self.student_pool, (t_shape, s_shape) = match_shapes(teacher_shape, student_shape, grid)
         channels = channels or s_shape[0]
-        self.teacher_filter = make_filter(t_shape, channels, hidden)
-        self.head = make_head((channels, *t_shape[1:]), num_classes)
-        self.student_filter = make_filter(s_shape, channels, hidden)
+        # The paper's filters: hidden width C_t on the teacher's side, 2·C_s on the student's.
+        t_hidden, s_hidden = (t_shape[0], 2 * s_shape[0]) if paper else (hidden, hidden)
+        self.teacher_filter = make_filter(t_shape, channels, t_hidden, output_norm=not paper)
+        self.head = make_head((channels, *t_shape[1:]), num_classes, relu=paper)
+        self.student_filter = make_filter(s_shape, channels, s_hidden, output_norm=not paper)
         if estimator == "gaussian":
             self.redundancy = GaussianRedundancy(channels, min_variance=min_variance)
         else:
             critic = CosineCritic(temperature, learnable=learn_temperature)
             self.redundancy = _CONTRASTIVE[estimator](critic, impl=impl, check_values=False)
         self.contrastive = estimator != "gaussian"
+        if paper:
+            for module in (self.teacher_filter, self.head, self.student_filter):
+                paper_init(module)
+            nn.init.constant_(self.redundancy.rho, PAPER_INITIAL_RHO)
 
     def teacher_side(self, teacher: Tensor) -> Tensor:
         return self.teacher_filter(self.teacher_pool(teacher))
@@ -199,14 +240,19 @@ class _LayerPair(nn.Module):
     def student_side(self, student: Tensor) -> Tensor:
         return self.student_filter(self.student_pool(student))
 
-    def redundancy_loss(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    def redundancy_loss(self, student: Tensor, teacher: Tensor, *, log_variance: bool = True) -> tuple[Tensor, Tensor]:
         """(D, logged estimate): D to minimise; the estimate is Î (nats) for contrastive
-        estimators and D itself for the Gaussian term."""
+        estimators and D itself for the Gaussian term (without log σ² when not ``log_variance``)."""
         if self.contrastive:
             estimate = self.redundancy(pool_to_vector(student), pool_to_vector(teacher))
             return -estimate, estimate.detach()
-        loss = self.redundancy(student, teacher)
+        loss = self.redundancy(student, teacher, log_variance=log_variance)
         return loss, loss.detach()
+
+
+#: Options ``variant="paper"`` fixes, with the value it takes them at.
+_PAPER_FIXED = {"estimator": "gaussian", "filter_channels": None, "filter_hidden": None, "grid": None,
+                "min_variance": 1e-3}  # fmt: skip
 
 
 class RIDLoss(nn.Module):
@@ -215,20 +261,28 @@ class RIDLoss(nn.Module):
     Args:
         teacher_shapes, student_shapes: per-layer feature shapes without the batch dimension,
             ``(C,)`` or ``(C, H, W)``.
-        num_classes: classes of the heads on the teacher filters.
+        num_classes: classes of the heads on the teacher filters (≥ 2).
         estimator: ``"gaussian"`` (the paper's) or a contrastive estimator name (see module notes).
-        alpha: weight of the redundancy term in the student phase.
+        alpha: weight of the redundancy term in the student phase (≥ 0).
         filter_channels: output channels of the filters (default: the student's channels).
         filter_hidden: hidden width of the filters (default: ``filter_channels``).
         temperature: critic temperature of contrastive estimators.
         learn_temperature: train that temperature (off by default: a learned temperature tends
             to collapse, and the term's gradient grows like 1/τ until it drowns the student's CE).
         impl: implementation of contrastive estimators (see :mod:`rid_fast.mi.functional`).
-        grid: 4-D features are average-pooled to at most ``grid × grid`` before filtering. Q, the
-            filtered teacher representation, is then exactly what the head reads: finer spatial
-            detail, unconstrained by the label, is nuisance the student should not be asked to copy.
+        grid: 4-D features are average-pooled to at most ``grid × grid`` before filtering (None:
+            4). Q, the filtered teacher representation, is then exactly what the head reads: finer
+            spatial detail, unconstrained by the label, is nuisance the student should not be asked
+            to copy.
         min_variance: floor of the Gaussian term's learned variance (the paper: 1e-3). The term's
             pull on the student grows like 1/σ²; a floor keeps it from locking the student onto Q.
+        variant: ``"rid_fast"`` (default) or ``"paper"``, the official code's system (module notes);
+            ``"paper"`` refuses ``estimator``, ``filter_channels``, ``filter_hidden``, ``grid`` and
+            ``min_variance`` at anything but their defaults.
+
+    Shape: ``teacher_feats[k]`` (B, *teacher_shapes[k]), ``student_feats[k]`` (B, *student_shapes[k]),
+    ``labels`` (B,) class indices; a wrong layer count, shape or batch size is a ``ValueError``
+    that names the argument.
     """
 
     def __init__(
@@ -243,9 +297,10 @@ class RIDLoss(nn.Module):
         filter_hidden: int | None = None,
         temperature: float = 0.1,
         impl: str = "auto",
-        grid: int = 4,
+        grid: int | None = None,
         min_variance: float = 1e-3,
         learn_temperature: bool = False,
+        variant: str = "rid_fast",
     ) -> None:
         super().__init__()
         if len(teacher_shapes) != len(student_shapes) or not teacher_shapes:
@@ -253,21 +308,45 @@ class RIDLoss(nn.Module):
                 f"teacher_shapes and student_shapes must list the same, non-zero number of layers; "
                 f"got {len(teacher_shapes)} and {len(student_shapes)}"
             )
+        for name, shapes in (("teacher_shapes", teacher_shapes), ("student_shapes", student_shapes)):
+            for k, shape in enumerate(shapes):
+                if len(shape) not in (1, 3):
+                    raise ValueError(f"{name} entries must be (C,) or (C, H, W); got {tuple(shape)}")
+                for extent in shape:
+                    check_int(f"{name}[{k}] extents", extent, 1)
+        check_int("num_classes", num_classes, 2)
         if estimator not in REDUNDANCY_ESTIMATORS:
             raise ValueError(
                 f"estimator must be one of {', '.join(map(repr, REDUNDANCY_ESTIMATORS))}; got {estimator!r}"
             )
-        for name, shapes in (("teacher_shapes", teacher_shapes), ("student_shapes", student_shapes)):
-            for shape in shapes:
-                if len(shape) not in (1, 3):
-                    raise ValueError(f"{name} entries must be (C,) or (C, H, W); got {tuple(shape)}")
+        check_number("alpha", alpha, minimum=0.0)
+        check_int("filter_channels", filter_channels, 1, optional=True)
+        check_int("filter_hidden", filter_hidden, 1, optional=True)
+        check_number("temperature", temperature, minimum=0.0, inclusive=False)
+        check_int("grid", grid, 1, optional=True)
+        check_number("min_variance", min_variance, minimum=0.0, inclusive=False)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}; got {variant!r}")
+        if variant == "paper":
+            given = {"estimator": estimator, "filter_channels": filter_channels, "filter_hidden": filter_hidden,
+                     "grid": grid, "min_variance": min_variance}  # fmt: skip
+            for name, fixed in _PAPER_FIXED.items():
+                if given[name] != fixed:
+                    raise ValueError(
+                        f"variant='paper' fixes {name} (the paper's system; leave it at {fixed!r}, or use "
+                        f"variant='rid_fast'); got {name}={given[name]!r}"
+                    )
+        self.teacher_shapes = [tuple(shape) for shape in teacher_shapes]
+        self.student_shapes = [tuple(shape) for shape in student_shapes]
         self.estimator = estimator
+        self.variant = variant
         self.alpha = alpha
         self.pairs = nn.ModuleList(
             _LayerPair(
                 t,
                 s,
                 num_classes,
+                variant=variant,
                 estimator=estimator,
                 channels=filter_channels,
                 hidden=filter_hidden,
@@ -277,20 +356,55 @@ class RIDLoss(nn.Module):
                 grid=grid,
                 min_variance=min_variance,
             )
-            for t, s in zip(teacher_shapes, student_shapes)
+            for t, s in zip(self.teacher_shapes, self.student_shapes)
         )
+
+    def _check_inputs(self, teacher_feats, student_feats, labels=None) -> None:
+        """Layer counts, per-layer shapes and one batch size across features (and labels)."""
+        batch = None
+        for name, feats, shapes in (
+            ("teacher_feats", teacher_feats, self.teacher_shapes),
+            ("student_feats", student_feats, self.student_shapes),
+        ):
+            if len(feats) != len(shapes):
+                raise ValueError(
+                    f"{name}: expected {len(shapes)} layers (one per {name[:7]}_shapes entry); got {len(feats)}"
+                )
+            for k, (feature, shape) in enumerate(zip(feats, shapes)):
+                if not isinstance(feature, Tensor):
+                    raise TypeError(f"{name}[{k}] must be a Tensor; got {type(feature).__name__}")
+                if feature.dim() != len(shape) + 1 or tuple(feature.shape[1:]) != shape:
+                    raise ValueError(
+                        f"{name}[{k}]: expected shape (B, {', '.join(map(str, shape))}) as {name[:7]}_shapes[{k}] "
+                        f"= {shape} says; got {tuple(feature.shape)}"
+                    )
+                if batch is None:
+                    batch = (feature.shape[0], f"{name}[{k}]")
+                elif feature.shape[0] != batch[0]:
+                    raise ValueError(
+                        f"{name}[{k}] has batch size {feature.shape[0]} but {batch[1]} has {batch[0]}: teacher and "
+                        f"student features must come from the same batch"
+                    )
+        if labels is not None:
+            if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != batch[0]:
+                got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+                raise ValueError(f"labels: expected shape ({batch[0]},), one class index per example; got {got}")
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise TypeError(f"labels must hold integer class indices; got {labels.dtype}")
 
     def _redundancy(self, teacher_sides, student_feats, *, phase: str):
         """Σ_k D_k and the per-layer estimates from the filtered teacher features ``teacher_sides``.
         In the filter phase only the teacher side carries gradients (student side and estimator
-        frozen); in the student phase only the student side."""
+        frozen); in the student phase only the student side. The paper's filter phase leaves
+        log σ² out of the Gaussian term (a constant there)."""
         total, logs = 0.0, {}
+        log_variance = phase == "student" or self.variant != "paper"
         for k, (pair, t_side, s) in enumerate(zip(self.pairs, teacher_sides, student_feats)):
             if phase == "filter":
                 with torch.no_grad():
                     s_side = pair.student_side(s)
                 with _frozen(pair.redundancy):
-                    loss, estimate = pair.redundancy_loss(s_side, t_side)
+                    loss, estimate = pair.redundancy_loss(s_side, t_side, log_variance=log_variance)
             else:
                 loss, estimate = pair.redundancy_loss(pair.student_side(s), t_side)
             total = total + loss
@@ -307,6 +421,7 @@ class RIDLoss(nn.Module):
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(losses, logs) of the filter phase: Σ_k CE of the heads on the teacher filters, plus
         Σ_k D_k with the student side detached when ``include_redundancy``."""
+        self._check_inputs(teacher_feats, student_feats, labels)
         ce, logs = 0.0, {}
         teacher_sides = [pair.teacher_side(t.detach()) for pair, t in zip(self.pairs, teacher_feats)]
         for k, (pair, t_side) in enumerate(zip(self.pairs, teacher_sides)):
@@ -324,6 +439,7 @@ class RIDLoss(nn.Module):
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(losses, logs) of the student phase: α Σ_k D_k with the teacher side fixed (the caller
         adds the student's own cross-entropy)."""
+        self._check_inputs(teacher_feats, student_feats)
         with torch.no_grad():  # the teacher side is a fixed target in this phase
             teacher_sides = [pair.teacher_side(t) for pair, t in zip(self.pairs, teacher_feats)]
         total, logs = self._redundancy(teacher_sides, student_feats, phase="student")
@@ -336,42 +452,3 @@ class RIDLoss(nn.Module):
     def student_side_parameters(self) -> list[nn.Parameter]:
         """Updated in the student phase (with the student): student filters and the estimators."""
         return [p for pair in self.pairs for m in (pair.student_filter, pair.redundancy) for p in m.parameters()]
-
-
-@dataclass(frozen=True)
-class RIDSchedule:
-    """The paper's multi-level schedule: training is split into ``n_rounds`` equal rounds; the
-    first ``filter_fraction`` of each round runs filter-phase updates, the rest student-phase
-    updates. Positions count epochs or optimizer steps (``unit``); the redundancy term joins the
-    filter phase from round ``redundancy_from_round`` on (the paper: the second round, 1).
-
-    >>> schedule = RIDSchedule(n_rounds=5, filter_fraction=0.2)
-    >>> [schedule.phase(epoch, total=10) for epoch in range(4)]
-    ['filter', 'student', 'filter', 'student']
-    """
-
-    n_rounds: int = 5
-    filter_fraction: float = 0.2
-    unit: str = "epoch"
-    redundancy_from_round: int = 1
-
-    def __post_init__(self) -> None:
-        if self.n_rounds < 1:
-            raise ValueError(f"schedule.n_rounds must be ≥ 1; got {self.n_rounds}")
-        if not 0.0 <= self.filter_fraction < 1.0:
-            raise ValueError(f"schedule.filter_fraction must be in [0, 1); got {self.filter_fraction}")
-        if self.unit not in ("epoch", "step"):
-            raise ValueError(f"schedule.unit must be 'epoch' or 'step'; got {self.unit!r}")
-
-    def round_index(self, position: int, total: int) -> int:
-        return min(position * self.n_rounds // total, self.n_rounds - 1)
-
-    def phase(self, position: int, total: int) -> str:
-        """``"filter"`` or ``"student"`` at ``position`` (0-based) of ``total`` epochs or steps."""
-        if not 0 <= position < total:
-            raise ValueError(f"position {position} outside [0, {total})")
-        offset = position * self.n_rounds - self.round_index(position, total) * total  # in units of total/n_rounds
-        return "filter" if offset < self.filter_fraction * total else "student"
-
-    def redundancy_in_filter_phase(self, position: int, total: int) -> bool:
-        return self.round_index(position, total) >= self.redundancy_from_round

@@ -83,10 +83,12 @@ class DistillConfig:
     n_rounds: int = 5  # rid: rounds of the filter/student schedule
     filter_fraction: float = 0.2  # rid: share of each round spent in the filter phase
     schedule_unit: str = "epoch"  # rid: epoch | step
+    schedule_placement: str | None = None  # rid: even | paper (None: paper for variant paper, else even)
     redundancy_from_round: int = 1  # rid: first round whose filter phase includes the redundancy term
     min_variance: float = 1e-3  # rid (gaussian): floor of the learned variance
     equal_student_steps: bool = True  # rid: filter phases come on top of optim.epochs of student updates
-    standardize_teacher: bool = True  # standardise teacher features per channel
+    variant: str = "rid_fast"  # rid: rid_fast | paper (the official code's system, see README)
+    standardize_teacher: bool | None = None  # standardise teacher features per channel (None: the method's choice)
 
 
 @dataclass

@@ -106,6 +106,8 @@ class Trainer:
             "n_rounds": distill.n_rounds,
             "filter_fraction": distill.filter_fraction,
             "schedule_unit": distill.schedule_unit,
+            "schedule_placement": distill.schedule_placement,
+            "variant": distill.variant,
             "redundancy_from_round": distill.redundancy_from_round,
             "min_variance": distill.min_variance,
         }
@@ -128,6 +130,7 @@ class Trainer:
             phase: build_optimizer(config.optim, self.distiller.parameters_for(phase))
             for phase in self.distiller.method.phases
         }
+        self.total_epochs()  # a schedule that cannot be honoured is refused here, before any training step
         self.history: list[dict] = []
         self.best_val = -math.inf
         self.start_epoch = 0
@@ -171,15 +174,26 @@ class Trainer:
 
     # ---- training -----------------------------------------------------------------------------
 
-    def total_epochs(self) -> int:
-        """Epochs to run: ``optim.epochs`` of student updates, plus — with
-        ``distill.equal_student_steps`` — the epochs a method spends in other phases (RID's filter
-        phases), so every method's student gets the same number of updates."""
+    def _steps_per_epoch(self) -> int:
+        return math.ceil(len(self.split.student) / self.config.optim.batch_size)
+
+    def schedule_length(self) -> int:
+        """Length of the method's schedule in its unit (epochs, or steps for a per-step schedule):
+        ``optim.epochs`` worth of student updates, plus — with ``distill.equal_student_steps`` —
+        the positions the method spends in other phases (RID's filter phases), so every method's
+        student gets exactly the same number of updates (:meth:`Distiller.total_for_student`)."""
         epochs = self.config.optim.epochs
-        share = self.distiller.method.non_student_share
-        if share and self.config.distill.equal_student_steps:
-            return math.ceil(epochs / (1.0 - share))
-        return epochs
+        student = epochs * self._steps_per_epoch() if self.distiller.method.schedule_unit == "step" else epochs
+        if self.config.distill.equal_student_steps:
+            return self.distiller.total_for_student(student)
+        self.distiller.phase(0, student)  # checks that the schedule can be honoured over that length
+        return student
+
+    def total_epochs(self) -> int:
+        """Epochs to run: the schedule's length, in epochs (a per-step schedule's last epoch may
+        stop part way)."""
+        total = self.schedule_length()
+        return math.ceil(total / self._steps_per_epoch()) if self.distiller.method.schedule_unit == "step" else total
 
     def _teacher_cache(self, x_train: torch.Tensor, budget_bytes: int = 2**30):
         """The frozen teacher's outputs on the (fixed, unaugmented) training set, computed once
@@ -221,10 +235,9 @@ class Trainer:
         x_val, y_val = self._tensors(self.split.validation)
         x_test, y_test = self._tensors(None)
         batch_size = config.optim.batch_size
-        steps_per_epoch = math.ceil(len(x_train) / batch_size)
-        epochs = self.total_epochs()
+        steps_per_epoch = self._steps_per_epoch()
+        epochs, total = self.total_epochs(), self.schedule_length()
         per_step = self.distiller.method.schedule_unit == "step"
-        total = epochs * steps_per_epoch if per_step else epochs
         augment = config.data.augment and x_train.dim() == 4
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.amp and self.device.type == "cuda")
 
@@ -245,6 +258,8 @@ class Trainer:
             correct = seen = 0
             for step, idx in enumerate(batch_indices(len(x_train), batch_size, seed=run.seed, epoch=epoch)):
                 position = epoch * steps_per_epoch + step if per_step else epoch
+                if position >= total:  # a per-step schedule may end part way through its last epoch
+                    break
                 phase = self.distiller.phase(position, total)
                 inputs = random_crop_flip(x_train[idx]) if augment else x_train[idx]
                 cached = None if teacher_cache is None else (teacher_cache[0][idx], [f[idx] for f in teacher_cache[1]])
