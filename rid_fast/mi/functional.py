@@ -48,6 +48,7 @@ from rid_fast.mi.critics import CRITICS, Critic, critic_factors
 from rid_fast.ops import library
 from rid_fast.ops.common import diagonal_scores
 from rid_fast.ops.dispatch import (
+    check_bool,
     check_choice,
     check_pair,
     check_positive,
@@ -129,23 +130,39 @@ def _js_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> Tensor:
     return positives - negatives
 
 
+def _no_options() -> None:
+    """An estimator without options: any keyword is a ``TypeError``."""
+
+
+def _check_infonce_options(*, symmetric: bool = False) -> None:
+    check_bool("symmetric", symmetric)
+
+
+def _check_smile_options(*, clip: float = 5.0) -> None:
+    check_positive("clip", clip)
+
+
 @dataclass(frozen=True)
 class Estimator:
     """How one estimator is computed: from a materialised score matrix (the oracle) and from the
-    factors of S = σ q kᵀ with a streaming/fused backend."""
+    factors of S = σ q kᵀ with a streaming/fused backend; ``check_options(**options)`` validates
+    its keyword options."""
 
     from_scores: Callable[..., Tensor]
     from_factors: Callable[..., Tensor]
     #: Needs at least one negative pair (an off-diagonal average): N ≥ 2.
     needs_negatives: bool = True
+    check_options: Callable[..., None] = _no_options
 
 
 #: Registry of the estimators by name (the names ``mi_bound`` and the modules accept).
 ESTIMATORS: dict[str, Estimator] = {
-    "infonce": Estimator(reference.infonce_from_scores, _infonce_factors, needs_negatives=False),
+    "infonce": Estimator(
+        reference.infonce_from_scores, _infonce_factors, needs_negatives=False, check_options=_check_infonce_options
+    ),
     "nwj": Estimator(reference.nwj_from_scores, _nwj_factors),
     "dv": Estimator(reference.dv_from_scores, _dv_factors),
-    "smile": Estimator(reference.smile_from_scores, _smile_factors),
+    "smile": Estimator(reference.smile_from_scores, _smile_factors, check_options=_check_smile_options),
     "js": Estimator(reference.js_from_scores, _js_factors),
 }
 
@@ -169,11 +186,15 @@ class NamedCritic:
 
     separable = True
     same_features = True
+    x_dim = y_dim = None
 
     def __init__(self, name: str, temperature: float | Tensor, *, check_values: bool = True) -> None:
         check_choice("critic", name, CRITICS)
         check_temperature(temperature, check_values=check_values)
         self.name, self.temperature = name, temperature
+
+    def describe(self) -> str:
+        return f"critic={self.name!r}"
 
     def factors(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return critic_factors(x, y, temperature=self.temperature, critic=self.name)
@@ -200,11 +221,21 @@ def estimate(
     reference implementation and non-separable critics reduce the materialised score matrix.
     """
     if isinstance(estimator, str):
+        check_choice("estimator", estimator, ESTIMATORS)
         estimator = ESTIMATORS[estimator]
+    if not isinstance(critic, (Critic, NamedCritic)):
+        raise TypeError(
+            f"critic must be a rid_fast.mi.critics.Critic (or a NamedCritic); got {type(critic).__name__} "
+            "(the functions infonce(), nwj(), … take critic names)"
+        )
+    estimator.check_options(**options)
+    check_bool("check_values", check_values)
     check_pair(
         x,
         y,
         same_features=critic.same_features,
+        features=(critic.x_dim, critic.y_dim),
+        features_for=critic.describe(),
         square=options.get("symmetric", False),
         needs_negatives=estimator.needs_negatives,
         check_values=check_values,
@@ -361,7 +392,6 @@ def smile(
         >>> float(smile(x, y, temperature=0.5, critic="cosine", clip=5.0)) > 0
         True
     """
-    check_positive("clip", clip)
     return _named(
         "smile", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values, clip=clip
     )
