@@ -181,6 +181,10 @@ def test_temperature_of_a_critic_module_is_the_critics():
     assert float(InfoNCE("dot").critic.temperature) == pytest.approx(0.1)
 
 
-def test_smile_clip_of_a_module():
+def test_smile_gradient_is_a_known_choice():
+    with pytest.raises(ValueError, match=r"gradient must be one of 'js', 'clipped_dv'; got 'dv'"):
+        functional.smile(x8, y8, gradient="dv")
+    with pytest.raises(ValueError, match=r"gradient must be one of 'js', 'clipped_dv'; got 'dv'"):
+        SMILE(gradient="dv")
     with pytest.raises(ValueError, match=r"clip must be positive"):
         SMILE(DotCritic(), clip=-1.0)

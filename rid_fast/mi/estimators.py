@@ -1,11 +1,14 @@
-r"""Estimator modules: a critic (possibly learnable) plus one of the bounds of :mod:`rid_fast.mi.functional`.
+r"""Estimator modules: a critic (possibly learnable) plus one of the estimators of :mod:`rid_fast.mi.functional`.
 
-Each module's ``forward(x, y)`` returns the scalar estimate (nats) of a lower bound on
-:math:`I(X;Y)`; maximise it to train the critic (and the encoders producing ``x``, ``y``).
-Every module calls :func:`rid_fast.mi.functional.estimate`, which checks the inputs against the
-critic (widths included) before anything runs. Separable critics run through the fast paths
-(``impl``); :class:`~rid_fast.mi.critics.ConcatCritic` materialises the score matrix and uses the
-reference formulas.
+Each module's ``forward(x, y)`` returns the scalar estimate in nats; maximise it to train the
+critic (and the encoders producing ``x``, ``y``). InfoNCE, NWJ and DV estimate lower bounds on
+:math:`I(X;Y)` (InfoNCE's and NWJ's in expectation over batches; DV's mini-batch estimate is
+biased upwards, the log of a mean). SMILE's value is not a bound — its gradient is JS's, so
+maximising it trains the critic on JS — and JS's is a bound on a Jensen–Shannon divergence, not on
+:math:`I(X;Y)`. Every module calls :func:`rid_fast.mi.functional.estimate`, which checks the
+inputs against the critic (widths included) before anything runs. Separable critics run through
+the fast paths (``impl``); :class:`~rid_fast.mi.critics.ConcatCritic` materialises the score
+matrix and uses the reference formulas.
 
 Example::
 
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 
 from rid_fast.mi.critics import CRITICS, CosineCritic, Critic, DotCritic
 from rid_fast.mi.functional import DV_TERMS, ESTIMATORS, estimate
+from rid_fast.mi.reference import value_with_gradient_of
 from rid_fast.ops.dispatch import IMPLS, check_bool, check_choice
 
 #: τ of a critic given by name.
@@ -119,18 +123,25 @@ class DV(MIEstimator):
 
 
 class SMILE(MIEstimator):
-    r"""SMILE: DV with partition scores clipped to :math:`[-c, c]` (``clip``)."""
+    r"""SMILE: the value of DV with partition scores clipped to :math:`[-c, c]` (``clip``), the
+    gradient of the JS objective (``gradient="js"``), as in Song & Ermon's code.
+
+    The clipped DV is not bounded above, so the critic trains on JS and SMILE is the value
+    reported; ``gradient="clipped_dv"`` differentiates the value itself, which diverges when
+    maximised (see :func:`rid_fast.mi.functional.smile`).
+    """
 
     name = "smile"
 
-    def __init__(self, critic: str | Critic = "dot", *, clip: float = 5.0, **kwargs) -> None:
+    def __init__(self, critic: str | Critic = "dot", *, clip: float = 5.0, gradient: str = "js", **kwargs) -> None:
         super().__init__(critic, **kwargs)
-        self._set_options(clip=clip)
+        self._set_options(clip=clip, gradient=gradient)
 
 
 class JS(MIEstimator):
     r"""Jensen–Shannon objective, :math:`\operatorname{mean}_i[-\mathrm{sp}(-s_{ii})]
-    - \operatorname{mean}_{i\ne j}\mathrm{sp}(s_{ij})` (sp = softplus)."""
+    - \operatorname{mean}_{i\ne j}\mathrm{sp}(s_{ij})` (sp = softplus): a critic's training
+    objective, a lower bound on :math:`2\,\mathrm{JSD} - \log 4`, not on :math:`I(X;Y)`."""
 
     name = "js"
 
@@ -184,4 +195,4 @@ class MINE(MIEstimator):
             return value
         log_average = self._update_average(log_partition).to(log_partition.dtype)
         surrogate = positive_mean - torch.exp(log_partition - log_average)  # ∇: ∇mean s_ii − ∇Z / Z̄
-        return value.detach() + (surrogate - surrogate.detach())
+        return value_with_gradient_of(value, surrogate)
