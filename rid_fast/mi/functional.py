@@ -137,7 +137,7 @@ def _smile_factors(
     sums with it — and the backward sweeps once, for JS's term alone. Not fused into one sweep yet,
     because that needs a new op: a row kernel that keeps both statistics of one score tile (the
     online max and sum of e^clip(s), and the sum of softplus(s)) with, in training, the weighted
-    keys of the softplus term only (σ(s_ij) k_j); its streaming twin; and a library op with two
+    keys of the softplus term only (sigmoid(s_ij)·k_j); its streaming twin; and a library op with two
     row outputs whose backward is ``softplus_negatives``'s (the clipped statistic marked
     non-differentiable). That would save one of the forward's two sweeps; the backward would not
     change.
