@@ -143,8 +143,10 @@ def reduction_error_bound(name: str, x, y, *, temperature: float, critic: str = 
       reductions plus the sequential additions of tiles at least 16 wide;
     * the components are the exponential weights *before* they cancel against the exact terms
       (InfoNCE's diagonal is 1/B − p_ii/B), so their sizes are W_ij = |G_ij| off the diagonal and
-      |G_ii| + 2/B on it; SMILE's weights are taken on the clipped scores (a clipped score has no
-      gradient, but its weight is part of every row's partition).
+      |G_ii| + 2/B on it; SMILE's value sums its clipped DV's weights, taken on the clipped scores
+      (a clipped score has no gradient, but its weight is part of every row's partition), and its
+      temperature gradient is JS's, with JS's weights on the scores themselves (the clipped DV's
+      with ``gradient="clipped_dv"``).
 
     Hence :math:`|\hat r - r| \le u \sum_{ij} (\kappa_{ij} + m)\, c_{ij}` with components
     :math:`c_{ij} = W_{ij}` for the value and :math:`W_{ij}|S_{ij}|/\tau` for the temperature's
@@ -156,17 +158,15 @@ def reduction_error_bound(name: str, x, y, *, temperature: float, critic: str = 
     sigma = float(scale)
     scores = sigma * q @ k.T  # (B, N)
     n_queries, n_keys = scores.shape
-    clip = options.get("clip")
-    seen = scores.clone()
-    if clip is not None:  # what SMILE's exponentials see: the clipped scores off the diagonal
+    value_weights = gradient_weights = _component_weights(name, scores, options)
+    if name == "smile":
+        clip = options.get("clip", 5.0)
+        seen = scores.clone()  # what the clipped DV's exponentials see: the clipped scores off the diagonal
         off = ~torch.eye(n_queries, n_keys, dtype=torch.bool)
         seen[off] = scores[off].clamp(-clip, clip)
-    seen.requires_grad_(True)
-    value = functional.ESTIMATORS[name].from_scores(seen, **options)
-    (weights,) = torch.autograd.grad(value, seen)
-    weights = weights.abs()
-    diagonal = torch.arange(n_queries)
-    weights[diagonal, diagonal] += 2.0 / n_queries
+        value_weights = _component_weights(name, seen, {**options, "gradient": "clipped_dv"})
+        if options.get("gradient") == "clipped_dv":
+            gradient_weights = value_weights
     magnitude = scores.abs()
     statistic = magnitude.amax(dim=1, keepdim=True) + math.log(n_keys)  # L_i
     if options.get("symmetric"):
@@ -175,9 +175,20 @@ def reduction_error_bound(name: str, x, y, *, temperature: float, critic: str = 
     roundings = math.ceil(math.log2(max(n_queries * n_keys, 2))) + math.ceil(n_keys / NARROWEST_TILE)
     kappa = dot_scale + magnitude + statistic + 1 + roundings
     return {
-        "value": FP32_UNIT_ROUNDOFF * float((kappa * weights).sum()),
-        "d/dtemperature": FP32_UNIT_ROUNDOFF * float((kappa * weights * magnitude).sum()) / temperature,
+        "value": FP32_UNIT_ROUNDOFF * float((kappa * value_weights).sum()),
+        "d/dtemperature": FP32_UNIT_ROUNDOFF * float((kappa * gradient_weights * magnitude).sum()) / temperature,
     }
+
+
+def _component_weights(name: str, scores: torch.Tensor, options: dict) -> torch.Tensor:
+    """W: |∂v/∂S| of estimator ``name`` at ``scores`` (its gradient, whatever its value), with 2/B
+    added on the diagonal. (B, N)"""
+    scores = scores.detach().clone().requires_grad_(True)
+    (weights,) = torch.autograd.grad(functional.ESTIMATORS[name].from_scores(scores, **options), scores)
+    weights = weights.abs()
+    diagonal = torch.arange(scores.shape[0])
+    weights[diagonal, diagonal] += 2.0 / scores.shape[0]
+    return weights
 
 
 def cases(*, min_keys: int = 1) -> list[tuple[int, int, int, str]]:
@@ -219,6 +230,8 @@ KERNEL_ESTIMATORS = {
     "nwj": ("nwj", EXP_TEMPERATURE, {}),
     "dv": ("dv", EXP_TEMPERATURE, {}),
     "smile": ("smile", EXP_TEMPERATURE, {"clip": 1.0}),
+    # The clipped log-sum-exp's backward, which SMILE's default gradient (JS's) no longer runs.
+    "smile_clipped_dv": ("smile", EXP_TEMPERATURE, {"clip": 1.0, "gradient": "clipped_dv"}),
     "js": ("js", EXP_TEMPERATURE, {}),
 }
 

@@ -1,12 +1,14 @@
 """Bad input fails before any kernel runs, with an error naming the argument."""
 
 import math
+import re
 
 import pytest
 import torch
 
 from rid_fast.mi import functional
-from rid_fast.mi.estimators import MINE, InfoNCE
+from rid_fast.mi.critics import BilinearCritic, ConcatCritic, DotCritic
+from rid_fast.mi.estimators import DV, JS, MINE, NWJ, SMILE, InfoNCE
 
 x8, y8 = torch.randn(8, 4), torch.randn(8, 4)
 ALL = ["infonce", "nwj", "dv", "smile", "js"]
@@ -101,3 +103,88 @@ def test_modules_validate_too():
         MINE()(torch.randn(1, 4), torch.randn(1, 4))
     with pytest.raises(ValueError, match="critic must be one of"):
         InfoNCE("euclid")
+
+
+ALL_MODULES = [InfoNCE, NWJ, DV, SMILE, JS, MINE]
+
+
+@pytest.mark.parametrize("module_cls", ALL_MODULES)
+@pytest.mark.parametrize("critic_cls", [BilinearCritic, ConcatCritic])
+@pytest.mark.parametrize(
+    "x_width,y_width,message",
+    [
+        (16, 9, "y must have 8 feature columns for {}(x_dim=16, y_dim=8): expected shape (N, 8); got shape (8, 9)"),
+        (15, 8, "x must have 16 feature columns for {}(x_dim=16, y_dim=8): expected shape (B, 16); got shape (8, 15)"),
+    ],
+    ids=["y-too-wide", "x-too-narrow"],
+)
+def test_critic_with_its_own_widths_checks_them(module_cls, critic_cls, x_width, y_width, message):
+    """A critic with weights takes (B, x_dim) and (N, y_dim): a wrong width is named before any
+    product runs (it used to surface as torch's "mat1 and mat2 shapes cannot be multiplied")."""
+    estimator = module_cls(critic_cls(16, 8))
+    with pytest.raises(ValueError, match=re.escape(message.format(critic_cls.__name__))):
+        estimator(torch.randn(8, x_width), torch.randn(8, y_width))
+
+
+def test_front_door_checks_a_critic_module_too():
+    with pytest.raises(ValueError, match=r"y must have 8 feature columns for BilinearCritic"):
+        functional.estimate("infonce", torch.randn(8, 16), torch.randn(8, 9), BilinearCritic(16, 8))
+    with pytest.raises(TypeError, match=r"critic must be a rid_fast.mi.critics.Critic .*got str"):
+        functional.estimate("infonce", x8, y8, "dot")
+
+
+@pytest.mark.parametrize("critic_cls", [BilinearCritic, ConcatCritic])
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((0, 8), ValueError, r"x_dim must be a positive int; got 0"),
+        ((16, -1), ValueError, r"y_dim must be a positive int; got -1"),
+        ((16.0, 8), TypeError, r"x_dim must be a positive int; got 16.0"),
+        ((True, 8), TypeError, r"x_dim must be a positive int; got True"),
+    ],
+)
+def test_critic_widths_are_positive_ints(critic_cls, args, error, match):
+    with pytest.raises(error, match=match):
+        critic_cls(*args)
+
+
+def test_concat_critic_hidden_width():
+    with pytest.raises(ValueError, match=r"hidden must be a positive int; got 0"):
+        ConcatCritic(16, 8, hidden=0)
+
+
+@pytest.mark.parametrize("symmetric", ["yes", 1, None])
+def test_symmetric_is_a_bool(symmetric):
+    with pytest.raises(TypeError, match=rf"symmetric must be True or False; got {symmetric!r}"):
+        functional.infonce(x8, y8, symmetric=symmetric)
+    with pytest.raises(TypeError, match=rf"symmetric must be True or False; got {symmetric!r}"):
+        InfoNCE(symmetric=symmetric)
+
+
+def test_check_values_is_a_bool():
+    with pytest.raises(TypeError, match=r"check_values must be True or False; got 'no'"):
+        functional.infonce(x8, y8, check_values="no")
+    with pytest.raises(TypeError, match=r"check_values must be True or False; got 'no'"):
+        DV(check_values="no")
+
+
+def test_modules_check_impl_when_built():
+    with pytest.raises(ValueError, match=r"impl must be one of .*got 'cuda'"):
+        InfoNCE(impl="cuda")
+
+
+def test_temperature_of_a_critic_module_is_the_critics():
+    """A temperature passed beside a critic module used to be dropped silently."""
+    with pytest.raises(ValueError, match=r"temperature applies to a critic given by name.*BilinearCritic"):
+        InfoNCE(BilinearCritic(16, 8), temperature=0.5)
+    assert float(InfoNCE("dot", temperature=0.5).critic.temperature) == pytest.approx(0.5)
+    assert float(InfoNCE("dot").critic.temperature) == pytest.approx(0.1)
+
+
+def test_smile_gradient_is_a_known_choice():
+    with pytest.raises(ValueError, match=r"gradient must be one of 'js', 'clipped_dv'; got 'dv'"):
+        functional.smile(x8, y8, gradient="dv")
+    with pytest.raises(ValueError, match=r"gradient must be one of 'js', 'clipped_dv'; got 'dv'"):
+        SMILE(gradient="dv")
+    with pytest.raises(ValueError, match=r"clip must be positive"):
+        SMILE(DotCritic(), clip=-1.0)

@@ -1,8 +1,8 @@
 """Mutual-information estimators: the public surface.
 
-* :mod:`~rid_fast.mi.functional` — the bounds as functions of ``(x, y)`` (InfoNCE, NWJ, DV,
+* :mod:`~rid_fast.mi.functional` — the estimators as functions of ``(x, y)`` (InfoNCE, NWJ, DV,
   SMILE, JS, ``mi_bound``); every other entry point goes through them;
-* :mod:`~rid_fast.mi.estimators` — the same bounds as modules with learnable critics (and MINE);
+* :mod:`~rid_fast.mi.estimators` — the same estimators as modules with learnable critics (and MINE);
 * :mod:`~rid_fast.mi.critics` — the critics that score pairs;
 * :mod:`~rid_fast.mi.reference` — the plain-PyTorch oracle the fast paths are tested against.
 """

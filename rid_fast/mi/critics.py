@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rid_fast.ops.dispatch import check_positive_int
+
 __all__ = [
     "CRITICS",
     "critic_factors",
@@ -68,6 +70,16 @@ class Critic(nn.Module):
     separable: ClassVar[bool] = True
     #: Whether x and y must have the same number of features.
     same_features: ClassVar[bool] = True
+    #: The feature widths the critic's weights take, x (B, x_dim) and y (N, y_dim); None where
+    #: any width goes. The estimators check them before anything runs.
+    x_dim: int | None = None
+    y_dim: int | None = None
+
+    def describe(self) -> str:
+        """How error messages name the critic, e.g. ``BilinearCritic(x_dim=16, y_dim=8)``."""
+        if self.x_dim is None and self.y_dim is None:
+            return type(self).__name__
+        return f"{type(self).__name__}(x_dim={self.x_dim}, y_dim={self.y_dim})"
 
     def factors(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(q, k, σ)`` with ``σ · q @ k.T`` equal to the score matrix (σ a 0-dim tensor)."""
@@ -141,6 +153,9 @@ class BilinearCritic(Critic, _TemperatureMixin):
         self, x_dim: int, y_dim: int, *, temperature: float = 1.0, learnable_temperature: bool = False
     ) -> None:
         super().__init__()
+        check_positive_int("x_dim", x_dim)
+        check_positive_int("y_dim", y_dim)
+        self.x_dim, self.y_dim = x_dim, y_dim
         self.project = nn.Linear(x_dim, y_dim, bias=False)
         self._init_temperature(temperature, learnable_temperature)
 
@@ -203,6 +218,9 @@ class ConcatCritic(Critic):
 
     def __init__(self, x_dim: int, y_dim: int, hidden: int = 64) -> None:
         super().__init__()
+        for name, value in (("x_dim", x_dim), ("y_dim", y_dim), ("hidden", hidden)):
+            check_positive_int(name, value)
+        self.x_dim, self.y_dim = x_dim, y_dim
         self.x_in = nn.Linear(x_dim, hidden)  # A, b1
         self.y_in = nn.Linear(y_dim, hidden, bias=False)  # C
         self.out = nn.Linear(hidden, 1)  # w2, b2

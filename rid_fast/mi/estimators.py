@@ -1,9 +1,14 @@
-r"""Estimator modules: a critic (possibly learnable) plus one of the bounds of :mod:`rid_fast.mi.functional`.
+r"""Estimator modules: a critic (possibly learnable) plus one of the estimators of :mod:`rid_fast.mi.functional`.
 
-Each module's ``forward(x, y)`` returns the scalar estimate (nats) of a lower bound on
-:math:`I(X;Y)`; maximise it to train the critic (and the encoders producing ``x``, ``y``).
-Separable critics run through the fast paths (``impl``); :class:`~rid_fast.mi.critics.ConcatCritic`
-materialises the score matrix and uses the reference formulas.
+Each module's ``forward(x, y)`` returns the scalar estimate in nats; maximise it to train the
+critic (and the encoders producing ``x``, ``y``). InfoNCE, NWJ and DV estimate lower bounds on
+:math:`I(X;Y)` (InfoNCE's and NWJ's in expectation over batches; DV's mini-batch estimate is
+biased upwards, the log of a mean). SMILE's value is not a bound — its gradient is JS's, so
+maximising it trains the critic on JS — and JS's is a bound on a Jensen–Shannon divergence, not on
+:math:`I(X;Y)`. Every module calls :func:`rid_fast.mi.functional.estimate`, which checks the
+inputs against the critic (widths included) before anything runs. Separable critics run through
+the fast paths (``impl``); :class:`~rid_fast.mi.critics.ConcatCritic` materialises the score
+matrix and uses the reference formulas.
 
 Example::
 
@@ -26,18 +31,30 @@ import torch
 from torch import Tensor, nn
 
 from rid_fast.mi.critics import CRITICS, CosineCritic, Critic, DotCritic
-from rid_fast.mi.functional import DV_TERMS, estimate
-from rid_fast.ops.dispatch import check_choice, check_positive
+from rid_fast.mi.functional import DV_TERMS, ESTIMATORS, estimate
+from rid_fast.mi.reference import value_with_gradient_of
+from rid_fast.ops.dispatch import IMPLS, check_bool, check_choice
+
+#: τ of a critic given by name.
+DEFAULT_TEMPERATURE = 0.1
 
 __all__ = ["MIEstimator", "InfoNCE", "NWJ", "DV", "SMILE", "JS", "MINE", "make_critic"]
 
 
-def make_critic(critic: str | Critic, temperature: float = 0.1) -> Critic:
-    """A critic module from a name (``"dot"``, ``"cosine"``; fixed temperature) or the module itself."""
+def make_critic(critic: str | Critic, temperature: float | None = None) -> Critic:
+    """A critic module from a name (``"dot"``, ``"cosine"``; fixed ``temperature``, default 0.1)
+    or the module itself (which holds its own temperature: passing one too is an error)."""
     if isinstance(critic, Critic):
+        if temperature is not None:
+            raise ValueError(
+                f"temperature applies to a critic given by name; {critic.describe()} holds its own "
+                "(set it when building the critic)"
+            )
         return critic
     check_choice("critic", critic, CRITICS)
-    return {"dot": DotCritic, "cosine": CosineCritic}[critic](temperature)
+    return {"dot": DotCritic, "cosine": CosineCritic}[critic](
+        DEFAULT_TEMPERATURE if temperature is None else temperature
+    )
 
 
 class MIEstimator(nn.Module):
@@ -45,7 +62,7 @@ class MIEstimator(nn.Module):
 
     Args:
         critic: a :class:`~rid_fast.mi.critics.Critic` or ``"dot"`` / ``"cosine"``.
-        temperature: τ of a critic given by name.
+        temperature: τ of a critic given by name (default 0.1); a critic module holds its own.
         impl: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (see :mod:`rid_fast.mi.functional`).
         check_values: reject NaN/Inf inputs (one pass over them; skipped under torch.compile).
     """
@@ -53,13 +70,26 @@ class MIEstimator(nn.Module):
     name: ClassVar[str]
 
     def __init__(
-        self, critic: str | Critic = "dot", *, temperature: float = 0.1, impl: str = "auto", check_values: bool = True
+        self,
+        critic: str | Critic = "dot",
+        *,
+        temperature: float | None = None,
+        impl: str = "auto",
+        check_values: bool = True,
     ) -> None:
         super().__init__()
+        check_choice("impl", impl, IMPLS)
+        check_bool("check_values", check_values)
         self.critic = make_critic(critic, temperature)
         self.impl = impl
         self.check_values = check_values
         self._options: dict = {}
+
+    def _set_options(self, **options) -> None:
+        """Validate the estimator's options (as :func:`~rid_fast.mi.functional.estimate` will on
+        every call) when the module is built, and keep them."""
+        ESTIMATORS[self.name].check_options(**options)
+        self._options = options
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """x (B, Dx), y (N, Dy), N ≥ B → scalar estimate in nats."""
@@ -77,7 +107,7 @@ class InfoNCE(MIEstimator):
 
     def __init__(self, critic: str | Critic = "dot", *, symmetric: bool = False, **kwargs) -> None:
         super().__init__(critic, **kwargs)
-        self._options = {"symmetric": symmetric}
+        self._set_options(symmetric=symmetric)
 
 
 class NWJ(MIEstimator):
@@ -93,19 +123,25 @@ class DV(MIEstimator):
 
 
 class SMILE(MIEstimator):
-    r"""SMILE: DV with partition scores clipped to :math:`[-c, c]` (``clip``)."""
+    r"""SMILE: the value of DV with partition scores clipped to :math:`[-c, c]` (``clip``), the
+    gradient of the JS objective (``gradient="js"``), as in Song & Ermon's code.
+
+    The clipped DV is not bounded above, so the critic trains on JS and SMILE is the value
+    reported; ``gradient="clipped_dv"`` differentiates the value itself, which diverges when
+    maximised (see :func:`rid_fast.mi.functional.smile`).
+    """
 
     name = "smile"
 
-    def __init__(self, critic: str | Critic = "dot", *, clip: float = 5.0, **kwargs) -> None:
+    def __init__(self, critic: str | Critic = "dot", *, clip: float = 5.0, gradient: str = "js", **kwargs) -> None:
         super().__init__(critic, **kwargs)
-        check_positive("clip", clip)
-        self._options = {"clip": clip}
+        self._set_options(clip=clip, gradient=gradient)
 
 
 class JS(MIEstimator):
     r"""Jensen–Shannon objective, :math:`\operatorname{mean}_i[-\mathrm{sp}(-s_{ii})]
-    - \operatorname{mean}_{i\ne j}\mathrm{sp}(s_{ij})` (sp = softplus)."""
+    - \operatorname{mean}_{i\ne j}\mathrm{sp}(s_{ij})` (sp = softplus): a critic's training
+    objective, a lower bound on :math:`2\,\mathrm{JSD} - \log 4`, not on :math:`I(X;Y)`."""
 
     name = "js"
 
@@ -130,6 +166,8 @@ class MINE(MIEstimator):
 
     def __init__(self, critic: str | Critic = "dot", *, ema_decay: float = 0.99, **kwargs) -> None:
         super().__init__(critic, **kwargs)
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)):
+            raise TypeError(f"ema_decay must be a number in [0, 1); got {ema_decay!r}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1); got {ema_decay}")
         self.ema_decay = ema_decay
@@ -157,4 +195,4 @@ class MINE(MIEstimator):
             return value
         log_average = self._update_average(log_partition).to(log_partition.dtype)
         surrogate = positive_mean - torch.exp(log_partition - log_average)  # ∇: ∇mean s_ii − ∇Z / Z̄
-        return value.detach() + (surrogate - surrogate.detach())
+        return value_with_gradient_of(value, surrogate)

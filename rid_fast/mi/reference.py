@@ -22,6 +22,7 @@ __all__ = [
     "dv_from_scores",
     "log_mean_exp_negatives",
     "smile_from_scores",
+    "value_with_gradient_of",
     "js_from_scores",
     "infonce",
     "nwj",
@@ -82,10 +83,22 @@ def dv_from_scores(scores: torch.Tensor) -> torch.Tensor:
     return _positives(scores).mean() - log_mean_exp_negatives(scores)
 
 
-def smile_from_scores(scores: torch.Tensor, *, clip: float = 5.0) -> torch.Tensor:
-    r"""DV with clipped partition: :math:`\operatorname{mean}_i s_{ii} -
-    \log\operatorname{mean}_{i\ne j} e^{\operatorname{clip}(s_{ij}, -c, c)}`."""
-    return _positives(scores).mean() - log_mean_exp_negatives(scores, clip=clip)
+def value_with_gradient_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """A tensor equal to ``value`` whose gradient is ``surrogate``'s: ``value`` exactly, since
+    ``surrogate - surrogate.detach()`` is an exact zero wherever ``surrogate`` is finite."""
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+def smile_from_scores(scores: torch.Tensor, *, clip: float = 5.0, gradient: str = "js") -> torch.Tensor:
+    r"""Value: DV with clipped partition, :math:`\operatorname{mean}_i s_{ii} -
+    \log\operatorname{mean}_{i\ne j} e^{\operatorname{clip}(s_{ij}, -c, c)}`. Gradient: that of
+    :func:`js_from_scores` (``gradient="js"``), or of the value itself (``"clipped_dv"``)."""
+    value = _positives(scores).mean() - log_mean_exp_negatives(scores, clip=clip)
+    if gradient == "clipped_dv":
+        return value
+    if gradient != "js":
+        raise ValueError(f"gradient must be 'js' or 'clipped_dv'; got {gradient!r}")
+    return value_with_gradient_of(value, js_from_scores(scores))
 
 
 def _softplus(values: torch.Tensor) -> torch.Tensor:
@@ -114,9 +127,9 @@ def dv(x, y, *, temperature=0.1, critic="dot") -> torch.Tensor:
     return dv_from_scores(critic_scores(x, y, temperature=temperature, critic=critic))
 
 
-def smile(x, y, *, temperature=0.1, critic="dot", clip=5.0) -> torch.Tensor:
+def smile(x, y, *, temperature=0.1, critic="dot", clip=5.0, gradient="js") -> torch.Tensor:
     """Oracle of :func:`rid_fast.mi.functional.smile`."""
-    return smile_from_scores(critic_scores(x, y, temperature=temperature, critic=critic), clip=clip)
+    return smile_from_scores(critic_scores(x, y, temperature=temperature, critic=critic), clip=clip, gradient=gradient)
 
 
 def js(x, y, *, temperature=0.1, critic="dot") -> torch.Tensor:

@@ -13,7 +13,18 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["IMPLS", "TRITON_DTYPES", "resolve_impl", "triton_status", "check_pair", "check_temperature", "check_choice"]
+__all__ = [
+    "IMPLS",
+    "TRITON_DTYPES",
+    "resolve_impl",
+    "triton_status",
+    "check_pair",
+    "check_temperature",
+    "check_choice",
+    "check_bool",
+    "check_positive",
+    "check_positive_int",
+]
 
 #: Implementations an estimator can run on. ``"auto"`` resolves to one of the others.
 IMPLS = ("auto", "reference", "torch", "triton")
@@ -128,12 +139,16 @@ def check_pair(
     y: object,
     *,
     same_features: bool = True,
+    features: tuple[int | None, int | None] = (None, None),
+    features_for: str = "the critic",
     square: bool = False,
     needs_negatives: bool = False,
     check_values: bool = True,
 ) -> None:
-    """Validate an estimator's inputs: x (B, D), y (N, D) with N ≥ B, same dtype and device.
+    """Validate an estimator's inputs: x (B, Dx), y (N, Dy) with N ≥ B, same dtype and device.
 
+    ``same_features``: Dx = Dy (dot and cosine critics). ``features``: the widths (Dx, Dy) that
+    ``features_for`` (e.g. a critic with its own weights) takes, None where any width goes.
     ``square``: N must equal B (symmetric InfoNCE). ``needs_negatives``: at least one negative
     pair, N ≥ 2 (every estimator with an off-diagonal average). ``check_values``: no NaN/Inf.
     """
@@ -144,6 +159,12 @@ def check_pair(
         raise ValueError(f"x and y must be on the same device; got x on {x.device}, y on {y.device}")
     if x.dtype != y.dtype:
         raise TypeError(f"x and y must have the same dtype; got x {x.dtype}, y {y.dtype}")
+    for name, t, rows, width in (("x", x, "B", features[0]), ("y", y, "N", features[1])):
+        if width is not None and t.shape[1] != width:
+            raise ValueError(
+                f"{name} must have {width} feature columns for {features_for}: expected shape ({rows}, {width}); "
+                f"got {describe_tensor(t)}"
+            )
     if same_features and x.shape[1] != y.shape[1]:
         raise ValueError(
             f"x and y must have the same number of features D; got x (B={x.shape[0]}, D={x.shape[1]}), "
@@ -184,6 +205,20 @@ def check_temperature(temperature: object, *, check_values: bool = True) -> None
         value = float(temperature.detach())
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"temperature must be positive and finite; got {value}")
+
+
+def check_bool(name: str, value: object) -> None:
+    """``TypeError`` unless ``value`` is True or False (a string such as ``'yes'`` is not)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """A positive Python int (a width, a count); bools are not."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int; got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int; got {value}")
 
 
 def check_positive(name: str, value: object) -> None:
