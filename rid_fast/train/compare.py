@@ -25,16 +25,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rid_fast.train.config import ExperimentConfig
+from rid_fast.train.atomic import write_csv_atomic, write_text_atomic
+from rid_fast.train.config import BASELINE, ExperimentConfig, check
 from rid_fast.train.data import Dataset, load_dataset, split
-from rid_fast.train.loop import Trainer, write_csv_atomic
-from rid_fast.train.measure import format_spread, layer_rows, pid_table
+from rid_fast.train.distillers import check_models
+from rid_fast.train.loop import Trainer
+from rid_fast.train.measure import format_spread, layer_label, layer_rows, pid_table, run_identity
 from rid_fast.train.supervised import resolve_device
-from rid_fast.train.teachers import TEACHER_KINDS, make_teacher
+from rid_fast.train.teachers import make_teacher
 
-__all__ = ["run_compare", "paired_differences", "write_report", "read_summary"]
+__all__ = ["run_compare", "paired_differences", "write_report", "read_summary", "SUMMARY_COLUMNS"]
 
-BASELINE = "nokd"
+SUMMARY_COLUMNS = ["method", "teacher", "seed", "test_acc"]
 
 
 def _with(config: ExperimentConfig, **sections) -> ExperimentConfig:
@@ -61,14 +63,14 @@ def run_compare(
     """
     out_dir = Path(out_dir)
     seeds = config.compare.seeds if seeds is None else seeds
+    check(config)
     methods, kinds = config.compare.methods, config.compare.teachers
-    for kind in kinds:
-        if kind not in TEACHER_KINDS:
-            raise ValueError(f"compare.teachers entries must be among {', '.join(TEACHER_KINDS)}; got {kind!r}")
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1; got {seeds}")
     device = resolve_device(config.run.device)
-    load_dataset(config.data.name, config.data.data_dir)  # fail early on a missing dataset
+    dataset = load_dataset(config.data.name, config.data.data_dir)  # fail early on a missing dataset
+    for method in methods:  # every method's models and options, before any teacher trains
+        check_models(_with(config, distill={"method": method}), dataset)
     jobs = [
         (seed, method, kind)
         for seed in range(seeds)
@@ -98,8 +100,11 @@ def run_compare(
     pid_rows = [
         row
         for r in ordered
-        for row in layer_rows(r.get("pid", {}), run=_run_name(r["method"], r["teacher"], r["seed"]),
-                              method=r["method"], teacher=r["teacher"], seed=r["seed"])
+        for row in layer_rows(
+            r.get("pid", {}),
+            **run_identity(_seed_config(config, out_dir, r["seed"], r["method"], r["teacher"]),
+                           _run_name(r["method"], r["teacher"], r["seed"])),
+        )
     ]  # fmt: skip
     if pid_rows:
         write_csv_atomic(pid_rows, out_dir / "pid.csv")
@@ -170,11 +175,7 @@ def _run_one(config: ExperimentConfig, out_dir: Path, seed: int, method: str, ki
 
 
 def _write_summary(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["method", "teacher", "seed", "test_acc"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_atomic(rows, path, columns=SUMMARY_COLUMNS)
 
 
 def read_summary(path: Path) -> list[dict]:
@@ -236,6 +237,7 @@ def write_report(rows: list[dict], out_dir: Path, pid_rows: list[dict] | None = 
             f"| {r['method']} | {r['teacher']} | {r['seeds']} | {r['test_acc']:.2f} | {fmt(r['diff'])} | {interval} |"
         )
     if pid_rows:
+        pid_means = pid_table(pid_rows)
         lines += [
             "",
             "## What was distilled (PID on the test set, bits)",
@@ -244,19 +246,35 @@ def write_report(rows: list[dict], out_dir: Path, pid_rows: list[dict] | None = 
             "what the teacher knows that the student does not; I(Y;S) = all the student's layer holds.",
             "Representations are discretised (PCA, k-means) before BROJA; mean ± standard deviation over seeds",
             "(a difference between methods smaller than the spread is not one the measurement shows).",
+            *_baseline_note(pid_means),
             "",
-            "| method | teacher | layer | Red | Uni_T | I(Y;S) |",
-            "|---|---|---:|---:|---:|---:|",
+            "| method | teacher | layer (teacher ↔ student) | Red | Uni_T | I(Y;S) |",
+            "|---|---|---|---:|---:|---:|",
         ]
         lines += [
-            f"| {r['method']} | {r['teacher']} | {r['layer']} | "
+            f"| {r['method']} | {_teacher_cell(r)} | {layer_label(r)} | "
             + " | ".join(format_spread(r[f], r[f"{f}_sd"]) for f in ("red", "uni_t", "mi_s"))
             + " |"
-            for r in pid_table(pid_rows)
+            for r in pid_means
         ]
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic("\n".join(lines) + "\n", out_dir / "report.md")
     from rid_fast.train.plots import plot_compare, plot_pid
 
     plot_compare(out_dir, table)
     if pid_rows:
         plot_pid(pid_table(pid_rows), out_dir / "pid.png")
+
+
+def _teacher_cell(row: dict) -> str:
+    """The teacher column of a PID row: no-KD's says which teacher it is measured against."""
+    return f"none (vs {row['pid_teacher']})" if row["teacher"] == "none" else row["teacher"]
+
+
+def _baseline_note(pid_means: list[dict]) -> list[str]:
+    kinds = sorted({r["pid_teacher"] for r in pid_means if r["teacher"] == "none"})
+    if not kinds:
+        return []
+    return [
+        f"No-KD learns from no teacher; its rows are measured against the {' and '.join(kinds)} teacher of the",
+        "same seed (what the student holds of that teacher's knowledge without being taught it).",
+    ]
