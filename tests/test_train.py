@@ -568,3 +568,99 @@ def test_a_damaged_cached_teacher_is_trained_again(tmp_path):
         warnings.simplefilter("error")
         Trainer(config)  # read from the cache, silently
 
+
+# ---- plots a user reads ------------------------------------------------------------------------
+
+OTHER_METHODS = [m for m in KNOWN_METHODS if m not in ("nokd", "rid")]
+TEACHER_ORDER = ["trained", "untrained", "noisy"]
+
+
+def _paired_table(n_methods: int) -> list[dict]:
+    rows = [{"method": "nokd", "teacher": "none", "seeds": 3, "test_acc": 90.0, "diff": math.nan,
+             "diff_low": math.nan, "diff_high": math.nan}]  # fmt: skip
+    for i, method in enumerate(OTHER_METHODS[:n_methods]):
+        rows += [{"method": method, "teacher": t, "seeds": 3, "test_acc": 90.0 + i, "diff": i - 2.0,
+                  "diff_low": i - 3.5, "diff_high": i - 0.5} for t in TEACHER_ORDER]  # fmt: skip
+    return rows
+
+
+def _drawn(fig):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+
+    def inside(artist) -> bool:
+        extent = artist.get_window_extent(renderer)
+        return (
+            extent.x0 >= box.x0 - 1 and extent.x1 <= box.x1 + 1 and extent.y0 >= box.y0 - 1 and extent.y1 <= box.y1 + 1
+        )
+
+    return renderer, inside
+
+
+@pytest.mark.parametrize("n_methods", [1, 6, 10])
+def test_accuracy_plot_shows_its_title_and_keeps_the_legend_off_the_bars(n_methods):
+    from rid_fast.train import plots
+
+    fig = plots.accuracy_figure(_paired_table(n_methods))
+    renderer, inside = _drawn(fig)
+    (ax,) = fig.axes
+    assert inside(ax.title) and "no-KD: 90.00 %" in ax.get_title()
+    (legend,) = fig.legends
+    assert inside(legend) and not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+    labels = ax.get_xticklabels()
+    assert [t.get_text() for t in labels] == OTHER_METHODS[:n_methods] and all(map(inside, labels))
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
+    plots._pyplot().close(fig)
+
+
+@pytest.mark.parametrize("n_methods", [1, 6, 10])
+def test_pid_figure_has_a_panel_per_layer_pair_and_groups_by_teacher(n_methods):
+    from rid_fast.train import plots
+
+    def row(method, teacher, layer, pid_teacher=None):
+        return {"method": method, "teacher": teacher, "pid_teacher": pid_teacher or teacher, "layer": layer,
+                "teacher_layer": f"blocks.{layer}", "student_layer": f"features.{layer}", "seeds": 2,
+                **{f: 0.5 for f in PID_FIELDS}}  # fmt: skip
+
+    means = [row("nokd", "none", k, "trained") for k in (0, 1)]
+    means += [row(m, t, k) for m in OTHER_METHODS[:n_methods] for t in TEACHER_ORDER for k in (0, 1)]
+    fig = plots.pid_figure(means)
+    renderer, inside = _drawn(fig)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [
+        f"layer pair {k}\nteacher blocks.{k} ↔ student features.{k}" for k in (0, 1)
+    ]
+    labels = [t.get_text() for t in panels[0].get_yticklabels()]
+    assert [label for label in labels if label.endswith("teacher")] == [f"{t} teacher" for t in TEACHER_ORDER]
+    assert labels[1] == "nokd (no teacher)" and labels.count("kd") == 3
+    width, height = fig.get_size_inches()
+    assert width / height < 4  # not a strip
+    boxes = [t.get_window_extent(renderer) for t in panels[0].get_yticklabels()]
+    assert (
+        all(inside(t) for t in panels[0].get_yticklabels())
+        and min(t.get_fontsize() for t in panels[0].get_yticklabels()) >= 8
+    )
+    assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
+    plots._pyplot().close(fig)
+
+
+def test_curves_shade_the_filter_epochs_and_follow_the_comparisons_order():
+    from rid_fast.train import plots
+
+    rid_rows = [{"epoch": 1.0, "phase": "filter"}, {"epoch": 2.0, "phase": "student"},
+                {"epoch": 3.0, "phase": "filter/student"}, {"epoch": 4.0, "phase": "filter"}]  # fmt: skip
+    assert plots.filter_spans(rid_rows) == [(0.0, 1.0), (2.0, 4.0)]
+    curves = {(m, t): {1.0: [50.0], 2.0: [60.0]} for m in ("rid_gaussian", "vid") for t in ("noisy", "trained")}
+    curves[("nokd", "none")] = {1.0: [55.0], 2.0: [58.0]}
+    spans = {cell: plots.filter_spans(rid_rows) if cell[0].startswith("rid") else [] for cell in curves}
+    order = [("nokd", "none"), ("vid", "trained"), ("rid_gaussian", "trained"), ("vid", "noisy")]
+    fig = plots.curves_figure(curves, spans, order)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["trained teacher", "noisy teacher"]
+    for ax in panels:
+        assert [line.get_label() for line in ax.get_lines()] == ["nokd (no teacher)", "vid", "rid_gaussian"]
+        assert len(ax.patches) == 2  # the two filter spans
+    assert [t.get_text() for t in fig.legends[0].get_texts()][0] == "RID filter epochs"
+    plots._pyplot().close(fig)
