@@ -352,6 +352,23 @@ def test_resume_takes_the_newest_intact_checkpoint(tmp_path, finished_run):
         Trainer.resume(resume_config(run_dir))
 
 
+def test_a_fresh_run_removes_an_earlier_runs_checkpoints(tmp_path, finished_run):
+    """Started afresh in a run folder, a run cannot later resume from the earlier run's states."""
+    run_dir = _copy_run(finished_run, tmp_path)
+    config = load_config(run_dir / "config.yaml", [f"run.out_dir={run_dir}", "optim.lr=0.01"])
+    with pytest.raises(_Interrupt):
+        Trainer(config).train(step_callback=lambda epoch, step, out: epoch < 1 or _raise(_Interrupt))
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["best.pt", "latest.pt"]
+    assert checkpoint.load(run_dir / "ckpt" / "best.pt")["epoch"] == 0
+    DAMAGES["truncated"](run_dir / "ckpt" / "latest.pt")
+    with pytest.warns(ResumeWarning, match="resuming from .*best.pt"):
+        assert Trainer.resume(config).start_epoch == 1
+
+
+def _raise(error):
+    raise error
+
+
 def test_best_checkpoint_holds_its_own_epoch(tmp_path):
     """Written only at the end (checkpoint_every=0), best.pt still holds the state of its epoch."""
     trainer = Trainer(tiny_config(tmp_path, "distill.method=vid", "teacher.kind=untrained", "run.checkpoint_every=0"))

@@ -61,7 +61,7 @@ CHECKPOINT_NAMES = ("latest.pt", "previous.pt", "best.pt")
 
 
 class ResumeWarning(UserWarning):
-    """A run resumed from another checkpoint than ``latest.pt``, which could not be used."""
+    """A checkpoint of the resumed run could not be used (the run resumed from the newest intact one)."""
 
 
 class _EpochLog:
@@ -180,8 +180,9 @@ class Trainer:
 
     @staticmethod
     def _newest_state(out_dir: Path, config: ExperimentConfig) -> dict:
-        """The newest intact checkpoint of the run in ``out_dir`` (a :class:`ResumeWarning` says
-        which, when ``latest.pt`` could not be used), after checking it was trained with ``config``.
+        """The newest intact checkpoint of the run in ``out_dir`` (a :class:`ResumeWarning` names
+        every checkpoint that could not be used, and the one taken), after checking it was trained
+        with ``config``.
         Raises :class:`~rid_fast.train.checkpoint.CheckpointError` naming every file when none is intact."""
         ckpt_dir = out_dir / "ckpt"
         try:
@@ -191,13 +192,11 @@ class Trainer:
         for key in ("epoch", "config", "distiller", "optimizers", "history", "rng"):
             if key not in state:
                 raise checkpoint.CheckpointError(f"{path} holds no complete training state (no {key!r})")
-        if path.name != CHECKPOINT_NAMES[0]:
-            warnings.warn(
-                f"{'; '.join(problems) or f'{ckpt_dir / CHECKPOINT_NAMES[0]} is missing'}; resuming from {path} "
-                f"instead (after epoch {state['epoch'] + 1})",
-                ResumeWarning,
-                stacklevel=3,
-            )
+        if path.name != CHECKPOINT_NAMES[0] and not problems:
+            problems = [f"{ckpt_dir / CHECKPOINT_NAMES[0]} is missing"]
+        if problems:
+            warnings.warn(f"{'; '.join(problems)}; resuming from {path} (after epoch {state['epoch'] + 1})",
+                          ResumeWarning, stacklevel=3)  # fmt: skip
         refuse_changes(from_dict(ExperimentConfig, state["config"]), config, f"resuming from {path} with this config")
         return state
 
@@ -252,6 +251,9 @@ class Trainer:
         config, run = self.config, self.config.run
         if resume:
             self._restore(self._newest_state(self.out_dir, config))
+        if self.start_epoch == 0:  # a fresh run: an earlier run's checkpoints must not pass for its own
+            for name in CHECKPOINT_NAMES:
+                (self.out_dir / "ckpt" / name).unlink(missing_ok=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(yaml.safe_dump(to_dict(config), sort_keys=False), self.out_dir / "config.yaml")
         x_train, y_train = self._tensors(self.split.student)
