@@ -204,7 +204,8 @@ def accuracy_figure(table: list[dict]):
     methods = list(dict.fromkeys(r["method"] for r in cells))
     fig, ax = plt.subplots(figsize=(max(6.5, 2.4 + len(methods) * (0.22 * len(teachers) + 0.4)), 4.4),
                            layout="constrained")  # fmt: skip
-    width = 0.8 / len(teachers)
+    width = min(0.8 / len(teachers), 0.3)
+    extent = [0.0]  # every bar and interval end, and 0: the y range shows them with a margin
     for i, teacher in enumerate(teachers):
         xs, ys, errors = [], [], [[], []]
         for j, method in enumerate(methods):
@@ -217,6 +218,9 @@ def accuracy_figure(table: list[dict]):
             errors[0].append(0.0 if math.isnan(low) else low)
             errors[1].append(0.0 if math.isnan(high) else high)
         ax.bar(xs, ys, width, yerr=errors, capsize=3, label=teacher)
+        extent += [y - low for y, low in zip(ys, errors[0])] + [y + high for y, high in zip(ys, errors[1])]
+    margin = 0.08 * (max(extent) - min(extent)) or 0.5
+    ax.set_ylim(min(extent) - margin, max(extent) + margin)
     ax.axhline(0, color="black", linewidth=0.8)
     rotate = len(methods) > 4
     ax.set_xticks(range(len(methods)), methods, rotation=30 if rotate else 0, ha="right" if rotate else "center")
@@ -225,7 +229,7 @@ def accuracy_figure(table: list[dict]):
     baseline = next((r for r in table if r["method"] == BASELINE), None)
     seeds = max(r["seeds"] for r in cells)
     subtitle = f"no-KD: {baseline['test_acc']:.2f} % test accuracy; " if baseline else ""
-    subtitle += f"{seeds} seeds" + ("" if seeds > 1 else " (no interval from one seed)")
+    subtitle += f"{seeds} seeds" if seeds > 1 else "1 seed (no interval from one seed)"
     ax.set_title(f"Paired difference against no-KD, 95 % t-interval\n{subtitle}", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.legend(title="teacher", loc="outside right upper", fontsize=8, title_fontsize=8)
