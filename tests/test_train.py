@@ -475,7 +475,9 @@ def test_compare_in_parallel_matches_one_process(tmp_path, monkeypatch):
     monkeypatch.setattr(compare.os, "cpu_count", lambda: 2)
     parallel = run_compare(config, tmp_path / "parallel", seeds=2, workers=2)
     monkeypatch.setattr(compare.os, "cpu_count", lambda: 1)
+    threads = torch.get_num_threads()
     assert run_compare(config, tmp_path / "inline", seeds=2, workers=1) == parallel
+    assert torch.get_num_threads() == threads  # the caller's thread count is left as it was
 
 
 def test_pid_table_means_and_spreads_over_seeds():

@@ -115,8 +115,10 @@ def load(path: str | Path, *, kind: str = RUN_STATE, map_location: str | torch.d
     try:
         envelope = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated, empty or random bytes fail in the zip reader or the unpickler
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} is damaged: torch cannot read it ({reason[:200]})") from None
+        # Torch's own message is long and can advise weights_only=False, which this file must not get.
+        raise CheckpointError(
+            f"{path} is damaged: torch cannot read it ({type(error).__name__}: truncated, empty or not a torch file)"
+        ) from None
     if not isinstance(envelope, dict) or envelope.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a rid_fast checkpoint: a torch file without the digest rid_fast stores")
     if envelope.get("kind") != kind:

@@ -86,10 +86,10 @@ def run_compare(
     threads = max(1, cores // workers)
     # Trained and noisy runs share the seed's trained teacher; untrained ones need no training.
     needs_training = any(kind != "untrained" for kind in kinds)
-    teacher_tasks = [(config, out_dir, seed, threads) for seed in range(seeds)] if needs_training else []
-    run_tasks = [(config, out_dir, seed, method, kind, threads) for seed, method, kind in jobs]
+    teacher_tasks = [(config, out_dir, seed) for seed in range(seeds)] if needs_training else []
+    run_tasks = [(config, out_dir, seed, method, kind) for seed, method, kind in jobs]
     rows: dict[tuple, dict] = {}
-    with _pool(workers) as pool:
+    with _pool(workers, threads) as pool:
         for _ in tqdm(pool(_prepare_teacher, teacher_tasks), total=len(teacher_tasks), desc="teachers",
                       disable=not progress):  # fmt: skip
             pass
@@ -113,16 +113,23 @@ def run_compare(
 
 
 @contextlib.contextmanager
-def _pool(workers: int):
-    """``map(fn, tasks)`` yielding ``fn(*task)`` as tasks finish: in this process for one worker,
-    else in ``workers`` spawned processes (spawn, not fork: safe with threads and CUDA)."""
+def _pool(workers: int, threads: int):
+    """``map(fn, tasks)`` yielding ``fn(*task)`` as tasks finish, each run with ``threads`` torch
+    threads: in this process for one worker (its thread count restored after), else in
+    ``workers`` spawned processes (spawn, not fork: safe with threads and CUDA)."""
     if workers == 1:
-        yield lambda fn, tasks: (fn(*task) for task in tasks)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield lambda fn, tasks: (fn(*task) for task in tasks)
+        finally:
+            torch.set_num_threads(previous)
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as executor:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
 
         def unordered_map(fn, tasks):
-            futures = [executor.submit(fn, *task) for task in tasks]
+            futures = [pool.submit(fn, *task) for task in tasks]
             for future in as_completed(futures):
                 yield future.result()
 
@@ -148,8 +155,7 @@ def _run_name(method: str, kind: str, seed: int) -> str:
     return f"{method}_{kind}_seed{seed}"
 
 
-def _teacher(config: ExperimentConfig, out_dir: Path, threads: int):
-    torch.set_num_threads(threads)
+def _teacher(config: ExperimentConfig, out_dir: Path):
     dataset = _dataset(config.data.name, config.data.data_dir)
     data_split = split(
         dataset.y_train, per_class=config.data.per_class, val_fraction=config.data.val_fraction, seed=config.run.seed
@@ -158,14 +164,14 @@ def _teacher(config: ExperimentConfig, out_dir: Path, threads: int):
     return dataset, data_split, teacher
 
 
-def _prepare_teacher(config: ExperimentConfig, out_dir: Path, seed: int, threads: int) -> None:
+def _prepare_teacher(config: ExperimentConfig, out_dir: Path, seed: int) -> None:
     """Train (and cache) the seed's teacher, before any run needs it."""
-    _teacher(_seed_config(config, out_dir, seed, "teacher", "trained"), out_dir, threads)
+    _teacher(_seed_config(config, out_dir, seed, "teacher", "trained"), out_dir)
 
 
-def _run_one(config: ExperimentConfig, out_dir: Path, seed: int, method: str, kind: str, threads: int) -> dict:
+def _run_one(config: ExperimentConfig, out_dir: Path, seed: int, method: str, kind: str) -> dict:
     run_config = _seed_config(config, out_dir, seed, method, kind)
-    dataset, data_split, teacher = _teacher(run_config, out_dir, threads)
+    dataset, data_split, teacher = _teacher(run_config, out_dir)
     trainer = Trainer(run_config, dataset=dataset, data_split=data_split, teacher=teacher)
     final = trainer.train()
     row = {"method": method, "teacher": kind, "seed": seed, "test_acc": round(final["test_acc"], 4)}
