@@ -2,7 +2,8 @@
 
 ::
 
-    rid-fast train --config FILE [key=value ...] [--resume]   one distillation run
+    rid-fast train --config FILE [key=value ...]              one distillation run
+    rid-fast train --resume run.out_dir=RUN_DIR               continue it, with RUN_DIR/config.yaml
     rid-fast compare --config FILE --seeds K --out DIR        methods × teachers × seeds, paired report
     rid-fast plot RUN_DIR                                     plots of a run or a comparison
     rid-fast pid RUN_DIR                                      PID of the distilled layers: what was transferred
@@ -16,6 +17,7 @@ import argparse
 import os
 import platform
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,9 +75,36 @@ def _format_bytes(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f} MiB"
 
 
+def _bench_device(name: str) -> str:
+    """``--device``: 'cpu', or 'cuda'/'cuda:<index>' of a CUDA device this machine has."""
+    kind, sep, index = name.partition(":")
+    if kind == "cpu" and not sep:
+        return name
+    if kind != "cuda" or (sep and not index.isdigit()):
+        raise ValueError(f"--device must be 'cpu', 'cuda' or 'cuda:<index>'; got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+def _check_bench_args(args: argparse.Namespace) -> None:
+    """Sizes and counts positive, N ≥ B, a device this machine has; else a ``ValueError`` naming the flag."""
+    for flag, value in (("--batch", args.batch), ("--dim", args.dim), ("--repeats", args.repeats)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1; got {value}")
+    if args.keys is not None and args.keys < args.batch:
+        raise ValueError(
+            f"--keys must be at least --batch (N ≥ B: the keys include the B positives); got {args.keys} < {args.batch}"
+        )
+    _bench_device(args.device)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time (and optionally measure memory of) one estimator across implementations and critics;
     the timed steps of all of them take turns, so their ratios come from one stretch of time."""
+    _check_bench_args(args)
     cases = [
         bench.Case(
             estimator=args.estimator,
@@ -107,22 +136,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _experiment_config(args: argparse.Namespace):
-    """The config file with the command line's ``key=value`` overrides (``--data-dir`` included)."""
-    from rid_fast.train.config import load_config
-
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The command line's ``key=value`` overrides, ``--data-dir`` included."""
     overrides = list(args.overrides)
     if args.data_dir is not None:
         overrides.append(f"data.data_dir={args.data_dir}")
-    return load_config(args.config, overrides)
+    return overrides
+
+
+def _experiment_config(args: argparse.Namespace):
+    """The config file with the command line's overrides."""
+    from rid_fast.train.config import load_config
+
+    if args.config is None:
+        raise ValueError("the --config FILE argument is required (only train --resume can do without it)")
+    return load_config(args.config, _overrides(args))
+
+
+def _resumed_run(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """The run folder ``train --resume`` names — its ``run.out_dir=`` override, else the config
+    file's ``run.out_dir`` — and the other overrides."""
+    from rid_fast.train.config import load_config
+
+    overrides = _overrides(args)
+    named = [o for o in overrides if o.partition("=")[0].strip() == "run.out_dir"]
+    others = [o for o in overrides if o not in named]
+    if named:
+        return Path(load_config(None, named[-1:]).run.out_dir), others
+    if args.config is None:
+        raise ValueError("--resume needs the run folder: give run.out_dir=RUN_DIR (or a --config FILE naming it)")
+    return Path(load_config(args.config).run.out_dir), others
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train one student as the config says; prints the final metrics."""
+    """Train one student as the config says, or resume a run with its own ``config.yaml`` (the
+    overrides given then may not change what was trained); prints the final metrics."""
+    from rid_fast.train.config import resume_config
     from rid_fast.train.loop import Trainer
 
-    config = _experiment_config(args)
-    final = Trainer(config).train(resume=args.resume)
+    if args.resume:
+        run_dir, overrides = _resumed_run(args)
+        config = resume_config(run_dir, overrides)
+        trainer = Trainer.resume(config)
+        done, total = trainer.start_epoch, trainer.total_epochs()
+        print(f"resuming {run_dir} with its config.yaml after epoch {done} of {total}" if done < total
+              else f"{run_dir} is complete ({total} epochs): nothing left to train")  # fmt: skip
+    else:
+        config = _experiment_config(args)
+        trainer = Trainer(config)
+    final = trainer.train()
     shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in final.items() if "/" not in k}
     print(f"run folder: {config.run.out_dir}\nfinal: {shown}")
     return 0
@@ -173,9 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="one distillation run")
-    train.add_argument("--config", required=True, help="YAML experiment config")
+    train.add_argument("--config", help="YAML experiment config (with --resume: read only for run.out_dir)")
     train.add_argument("--data-dir", help="folder holding the dataset files (cifar10: cifar-10-batches-py/)")
-    train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt/latest.pt")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in run.out_dir from its newest intact checkpoint, with the run's own config.yaml",
+    )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.1 distill.method=vid")
     train.set_defaults(run=cmd_train)
 
@@ -220,11 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError) as error:  # bad config or input: a message, not a traceback
-        print(f"rid-fast {args.command}: error: {error}", file=sys.stderr)
-        return 2
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"rid-fast {args.command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():  # warnings (a damaged checkpoint skipped, …) as one line each
+        warnings.showwarning = one_line
+        try:
+            return args.run(args)
+        except (ValueError, FileNotFoundError) as error:  # bad config or input: a message, not a traceback
+            print(f"rid-fast {args.command}: error: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

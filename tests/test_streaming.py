@@ -172,3 +172,28 @@ def test_weighted_keys_ops_name_the_backends_they_lack():
     q, k, scale = _inputs(5, 7, 3, dtype=torch.float32)
     with pytest.raises(ValueError, match="cross_entropy_rows_with_weighted_keys has no 'torch' backend"):
         library.cross_entropy_rows_with_weighted_keys(q, k, scale, "torch")
+
+
+@pytest.mark.parametrize("tiles", [(16, 32), (7, 5)])
+def test_symmetric_ops_read_no_tile_value_off_the_cpu(monkeypatch, tiles):
+    """On a GPU, reading a tile's value on the host to pick the shared-exponential path would be a
+    host–device sync per tile: off the CPU every tile takes the per-side path, and no tensor value
+    is read on the host in the forward or the backward; values and gradients still match."""
+    assert streaming._may_share_exponentials(torch.device("cpu"))
+    assert not streaming._may_share_exponentials(torch.device("cuda"))
+    monkeypatch.setattr(streaming, "DEFAULT_BLOCK", tiles)
+    monkeypatch.setattr(streaming, "_may_share_exponentials", lambda device: False)
+    q, k, scale = _inputs(37, 37, 17)
+    weights = [torch.randn(37, dtype=torch.float64) for _ in range(2)]
+    reads = []
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name: reads.append(_n) or _f(self, *a))
+    got = library.cross_entropy_rows_cols(q, k, scale, "torch")
+    grads_got = torch.autograd.grad(sum((g * w).sum() for g, w in zip(got, weights)), (q, k, scale))
+    monkeypatch.undo()
+    assert reads == [], f"tensor values read on the host: {reads}"
+    want = direct_cross_entropy_rows_cols(q, k, scale)
+    grads_want = torch.autograd.grad(sum((g * w).sum() for g, w in zip(want, weights)), (q, k, scale))
+    for a, b in zip(got + grads_got, want + grads_want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

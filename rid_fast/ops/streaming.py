@@ -146,6 +146,14 @@ def _finish_lse(running_max: torch.Tensor, running_sum: torch.Tensor) -> torch.T
     return running_max + running_sum.log()
 
 
+def _may_share_exponentials(device: torch.device) -> bool:
+    """Whether tiles on ``device`` may take the one-exponential branch of the symmetric ops. The
+    branch is chosen per tile from a value of the tile, read on the host: free for a CPU tensor,
+    but a host–device sync per tile on a GPU. There the per-side branch, exact in every case at
+    the cost of one more exponential of the tile, runs unconditionally and no value is read."""
+    return device.type == "cpu"
+
+
 def _one_shift_range(dtype: torch.dtype) -> float:
     r"""How far below a tile's maximum every row's and column's reference may lie for one shared
     exponential of the tile to serve both its rows and its columns. Entries more than
@@ -340,10 +348,11 @@ def cross_entropy_rows_cols_forward(
     row_max, row_sum = q_s.new_full((n,), -math.inf), q_s.new_zeros(n)
     col_max, col_sum = q_s.new_full((n,), -math.inf), q_s.new_zeros(n)
     one_shift_range = _one_shift_range(q_s.dtype)
+    share = _may_share_exponentials(q_s.device)
     for rows, cols, tile in tiles:
         tile_row_max, tile_col_max = tile.amax(1), tile.amax(0)
         shift = tile_row_max.max()
-        if float(shift - torch.minimum(tile_row_max.min(), tile_col_max.min())) <= one_shift_range:
+        if share and float(shift - torch.minimum(tile_row_max.min(), tile_col_max.min())) <= one_shift_range:
             # One exponential for rows and columns: e^{S − shift}, summed both ways.
             exp = _exp_shifted_(tile, shift)
             _online_lse_fold_(row_max[rows], row_sum[rows], tile_row_max, exp.sum(1), shift)
@@ -380,12 +389,15 @@ def cross_entropy_rows_cols_backward(
     spare = q.new_empty(_block_shape(q.shape[0], k.shape[0], dtype), dtype=dtype)
 
     one_shift_range = _one_shift_range(dtype)
+    share = _may_share_exponentials(q.device)
 
     def make_weights_(tile: torch.Tensor, rows: slice, cols: slice) -> None:
         spare_tile = spare[: tile.shape[0], : tile.shape[1]]
-        shift = tile.max()
-        lowest = torch.minimum(row_shift[rows].min(), col_shift[:, cols].min())
-        if float(shift - lowest) <= one_shift_range:
+        shift = tile.max() if share else None  # only the one-exponential branch needs it
+        if (
+            shift is not None
+            and float(shift - torch.minimum(row_shift[rows].min(), col_shift[:, cols].min())) <= one_shift_range
+        ):
             # W = e^{S − shift} ∘ (a_i e^{shift − lse_i} + b_j e^{shift − lse_j}): one exponential.
             row_factor = row_weight[rows] * torch.exp(shift - row_shift[rows])
             col_factor = col_weight[:, cols] * torch.exp(shift - col_shift[:, cols])

@@ -25,16 +25,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rid_fast.train.config import ExperimentConfig
+from rid_fast.train.atomic import write_csv_atomic, write_text_atomic
+from rid_fast.train.config import BASELINE, ExperimentConfig, check
 from rid_fast.train.data import Dataset, load_dataset, split
-from rid_fast.train.loop import Trainer, write_csv_atomic
-from rid_fast.train.measure import format_spread, layer_rows, pid_table
+from rid_fast.train.distillers import check_models
+from rid_fast.train.loop import Trainer
+from rid_fast.train.measure import format_spread, layer_label, layer_rows, pid_table, run_identity
 from rid_fast.train.supervised import resolve_device
-from rid_fast.train.teachers import TEACHER_KINDS, make_teacher
+from rid_fast.train.teachers import make_teacher
 
-__all__ = ["run_compare", "paired_differences", "write_report", "read_summary"]
+__all__ = ["run_compare", "paired_differences", "write_report", "read_summary", "SUMMARY_COLUMNS"]
 
-BASELINE = "nokd"
+SUMMARY_COLUMNS = ["method", "teacher", "seed", "test_acc"]
 
 
 def _with(config: ExperimentConfig, **sections) -> ExperimentConfig:
@@ -61,14 +63,20 @@ def run_compare(
     """
     out_dir = Path(out_dir)
     seeds = config.compare.seeds if seeds is None else seeds
+    check(config)
     methods, kinds = config.compare.methods, config.compare.teachers
-    for kind in kinds:
-        if kind not in TEACHER_KINDS:
-            raise ValueError(f"compare.teachers entries must be among {', '.join(TEACHER_KINDS)}; got {kind!r}")
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1; got {seeds}")
     device = resolve_device(config.run.device)
-    load_dataset(config.data.name, config.data.data_dir)  # fail early on a missing dataset
+    dataset = load_dataset(config.data.name, config.data.data_dir)  # fail early on a missing dataset
+    # Every method's models, options and schedule, before any teacher trains (a split's size
+    # does not depend on its seed).
+    student_split = split(
+        dataset.y_train, per_class=config.data.per_class, val_fraction=config.data.val_fraction, seed=config.run.seed
+    ).student
+    steps_per_epoch = math.ceil(len(student_split) / config.optim.batch_size)
+    for method in methods:
+        check_models(_with(config, distill={"method": method}), dataset, steps_per_epoch)
     jobs = [
         (seed, method, kind)
         for seed in range(seeds)
@@ -84,10 +92,10 @@ def run_compare(
     threads = max(1, cores // workers)
     # Trained and noisy runs share the seed's trained teacher; untrained ones need no training.
     needs_training = any(kind != "untrained" for kind in kinds)
-    teacher_tasks = [(config, out_dir, seed, threads) for seed in range(seeds)] if needs_training else []
-    run_tasks = [(config, out_dir, seed, method, kind, threads) for seed, method, kind in jobs]
+    teacher_tasks = [(config, out_dir, seed) for seed in range(seeds)] if needs_training else []
+    run_tasks = [(config, out_dir, seed, method, kind) for seed, method, kind in jobs]
     rows: dict[tuple, dict] = {}
-    with _pool(workers) as pool:
+    with _pool(workers, threads) as pool:
         for _ in tqdm(pool(_prepare_teacher, teacher_tasks), total=len(teacher_tasks), desc="teachers",
                       disable=not progress):  # fmt: skip
             pass
@@ -98,8 +106,11 @@ def run_compare(
     pid_rows = [
         row
         for r in ordered
-        for row in layer_rows(r.get("pid", {}), run=_run_name(r["method"], r["teacher"], r["seed"]),
-                              method=r["method"], teacher=r["teacher"], seed=r["seed"])
+        for row in layer_rows(
+            r.get("pid", {}),
+            **run_identity(_seed_config(config, out_dir, r["seed"], r["method"], r["teacher"]),
+                           _run_name(r["method"], r["teacher"], r["seed"])),
+        )
     ]  # fmt: skip
     if pid_rows:
         write_csv_atomic(pid_rows, out_dir / "pid.csv")
@@ -108,16 +119,23 @@ def run_compare(
 
 
 @contextlib.contextmanager
-def _pool(workers: int):
-    """``map(fn, tasks)`` yielding ``fn(*task)`` as tasks finish: in this process for one worker,
-    else in ``workers`` spawned processes (spawn, not fork: safe with threads and CUDA)."""
+def _pool(workers: int, threads: int):
+    """``map(fn, tasks)`` yielding ``fn(*task)`` as tasks finish, each run with ``threads`` torch
+    threads: in this process for one worker (its thread count restored after), else in
+    ``workers`` spawned processes (spawn, not fork: safe with threads and CUDA)."""
     if workers == 1:
-        yield lambda fn, tasks: (fn(*task) for task in tasks)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield lambda fn, tasks: (fn(*task) for task in tasks)
+        finally:
+            torch.set_num_threads(previous)
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as executor:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
 
         def unordered_map(fn, tasks):
-            futures = [executor.submit(fn, *task) for task in tasks]
+            futures = [pool.submit(fn, *task) for task in tasks]
             for future in as_completed(futures):
                 yield future.result()
 
@@ -143,8 +161,7 @@ def _run_name(method: str, kind: str, seed: int) -> str:
     return f"{method}_{kind}_seed{seed}"
 
 
-def _teacher(config: ExperimentConfig, out_dir: Path, threads: int):
-    torch.set_num_threads(threads)
+def _teacher(config: ExperimentConfig, out_dir: Path):
     dataset = _dataset(config.data.name, config.data.data_dir)
     data_split = split(
         dataset.y_train, per_class=config.data.per_class, val_fraction=config.data.val_fraction, seed=config.run.seed
@@ -153,14 +170,14 @@ def _teacher(config: ExperimentConfig, out_dir: Path, threads: int):
     return dataset, data_split, teacher
 
 
-def _prepare_teacher(config: ExperimentConfig, out_dir: Path, seed: int, threads: int) -> None:
+def _prepare_teacher(config: ExperimentConfig, out_dir: Path, seed: int) -> None:
     """Train (and cache) the seed's teacher, before any run needs it."""
-    _teacher(_seed_config(config, out_dir, seed, "teacher", "trained"), out_dir, threads)
+    _teacher(_seed_config(config, out_dir, seed, "teacher", "trained"), out_dir)
 
 
-def _run_one(config: ExperimentConfig, out_dir: Path, seed: int, method: str, kind: str, threads: int) -> dict:
+def _run_one(config: ExperimentConfig, out_dir: Path, seed: int, method: str, kind: str) -> dict:
     run_config = _seed_config(config, out_dir, seed, method, kind)
-    dataset, data_split, teacher = _teacher(run_config, out_dir, threads)
+    dataset, data_split, teacher = _teacher(run_config, out_dir)
     trainer = Trainer(run_config, dataset=dataset, data_split=data_split, teacher=teacher)
     final = trainer.train()
     row = {"method": method, "teacher": kind, "seed": seed, "test_acc": round(final["test_acc"], 4)}
@@ -170,11 +187,7 @@ def _run_one(config: ExperimentConfig, out_dir: Path, seed: int, method: str, ki
 
 
 def _write_summary(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["method", "teacher", "seed", "test_acc"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_atomic(rows, path, columns=SUMMARY_COLUMNS)
 
 
 def read_summary(path: Path) -> list[dict]:
@@ -236,6 +249,7 @@ def write_report(rows: list[dict], out_dir: Path, pid_rows: list[dict] | None = 
             f"| {r['method']} | {r['teacher']} | {r['seeds']} | {r['test_acc']:.2f} | {fmt(r['diff'])} | {interval} |"
         )
     if pid_rows:
+        pid_means = pid_table(pid_rows)
         lines += [
             "",
             "## What was distilled (PID on the test set, bits)",
@@ -244,19 +258,35 @@ def write_report(rows: list[dict], out_dir: Path, pid_rows: list[dict] | None = 
             "what the teacher knows that the student does not; I(Y;S) = all the student's layer holds.",
             "Representations are discretised (PCA, k-means) before BROJA; mean ± standard deviation over seeds",
             "(a difference between methods smaller than the spread is not one the measurement shows).",
+            *_baseline_note(pid_means),
             "",
-            "| method | teacher | layer | Red | Uni_T | I(Y;S) |",
-            "|---|---|---:|---:|---:|---:|",
+            "| method | teacher | layer (teacher ↔ student) | Red | Uni_T | I(Y;S) |",
+            "|---|---|---|---:|---:|---:|",
         ]
         lines += [
-            f"| {r['method']} | {r['teacher']} | {r['layer']} | "
+            f"| {r['method']} | {_teacher_cell(r)} | {layer_label(r)} | "
             + " | ".join(format_spread(r[f], r[f"{f}_sd"]) for f in ("red", "uni_t", "mi_s"))
             + " |"
-            for r in pid_table(pid_rows)
+            for r in pid_means
         ]
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic("\n".join(lines) + "\n", out_dir / "report.md")
     from rid_fast.train.plots import plot_compare, plot_pid
 
     plot_compare(out_dir, table)
     if pid_rows:
         plot_pid(pid_table(pid_rows), out_dir / "pid.png")
+
+
+def _teacher_cell(row: dict) -> str:
+    """The teacher column of a PID row: no-KD's says which teacher it is measured against."""
+    return f"none (vs {row['pid_teacher']})" if row["teacher"] == "none" else row["teacher"]
+
+
+def _baseline_note(pid_means: list[dict]) -> list[str]:
+    kinds = sorted({r["pid_teacher"] for r in pid_means if r["teacher"] == "none"})
+    if not kinds:
+        return []
+    return [
+        f"No-KD learns from no teacher; its rows are measured against the {' and '.join(kinds)} teacher of the",
+        "same seed (what the student holds of that teacher's knowledge without being taught it).",
+    ]

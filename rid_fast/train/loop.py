@@ -9,20 +9,23 @@
 
 then runs the epochs: each step asks the method which phase it is in (RID alternates filter and
 student phases), steps that phase's optimizer, and each epoch ends with an evaluation, a row in
-``metrics.csv`` and an atomic ``ckpt/latest.pt`` (``ckpt/best.pt`` holds the state of the best
-validation accuracy so far). The learning rate follows one epoch clock (cosine by default) for
-every phase's optimizer. ``train(resume=True)`` restores every state, random generators included, so the run
-continues exactly as if it had not stopped.
+``metrics.csv`` and checkpoints in ``ckpt/`` (:mod:`rid_fast.train.checkpoint`: atomic, with a
+content digest): ``latest.pt``, the one before it as ``previous.pt``, and ``best.pt``, the state
+at the best validation accuracy so far. The learning rate follows one epoch clock (cosine by
+default) for every phase's optimizer. Logged values stay on the device until the epoch ends.
+
+:meth:`Trainer.resume` (and ``train(resume=True)``) restores every state, random generators
+included, from the newest intact checkpoint, so the run continues exactly as if it had not
+stopped; a checkpoint trained with other settings is refused.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import copy
 import math
-import os
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,11 +34,12 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from rid_fast.distill.distiller import Distiller
-from rid_fast.distill.methods import method_options
 from rid_fast.train import checkpoint
-from rid_fast.train.config import ExperimentConfig, to_dict
+from rid_fast.train.atomic import write_csv_atomic, write_text_atomic
+from rid_fast.train.config import ExperimentConfig, check, from_dict, refuse_changes, to_dict
 from rid_fast.train.data import Dataset, Split, load_dataset, split
+from rid_fast.train.distillers import build_distiller, check_models, schedule_length
+from rid_fast.train.measure import layer_pids
 from rid_fast.train.models import build_model
 from rid_fast.train.supervised import (
     accuracy,
@@ -49,29 +53,44 @@ from rid_fast.train.supervised import (
 )
 from rid_fast.train.teachers import make_teacher
 
-__all__ = ["Trainer", "write_csv_atomic", "write_text_atomic"]
+__all__ = ["Trainer", "ResumeWarning", "CHECKPOINT_NAMES"]
+
+#: A run's checkpoints in ``RUN_DIR/ckpt``: the newest state, the one before it, and the state at
+#: the best validation accuracy. Resuming takes the newest intact one of them.
+CHECKPOINT_NAMES = ("latest.pt", "previous.pt", "best.pt")
 
 
-def write_text_atomic(text: str, path: Path) -> None:
-    """Replace ``path`` with ``text`` atomically (write a sibling, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class ResumeWarning(UserWarning):
+    """A checkpoint of the resumed run could not be used (the run resumed from the newest intact one)."""
 
 
-def write_csv_atomic(rows: list[dict], path: Path) -> None:
-    """All rows under the union of their keys (first-seen order), replaced atomically."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(buffer.getvalue(), path)
+class _EpochLog:
+    """Sums of one epoch's logged values, kept on the device. Reading a GPU value on the host
+    waits for the GPU to finish (a sync), so the values are read once, at the end of the epoch,
+    in one transfer, not once per key per step."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, key: str, value: torch.Tensor, count: int = 1) -> None:
+        """Add ``value`` (a 0-dim tensor, the sum over ``count`` items) to ``key``'s sum."""
+        value = value.detach().to(torch.float64)
+        self.sums[key] = value if key not in self.sums else self.sums[key] + value
+        self.counts[key] += count
+
+    def means(self) -> dict[str, float]:
+        """Every key's mean over its items (one device-to-host transfer)."""
+        if not self.sums:
+            return {}
+        totals = torch.stack(list(self.sums.values())).tolist()
+        return {key: total / self.counts[key] for key, total in zip(self.sums, totals)}
 
 
 class Trainer:
     """Distil a teacher into a student as ``config`` says. ``dataset``, ``split`` and ``teacher``
-    may be given to share them between runs (``rid-fast compare`` does)."""
+    may be given to share them between runs (``rid-fast compare`` does). Every config value is
+    checked, and the models built once on the side, before a teacher trains."""
 
     def __init__(
         self,
@@ -81,6 +100,7 @@ class Trainer:
         data_split: Split | None = None,
         teacher: nn.Module | None = None,
     ) -> None:
+        check(config)
         self.config = config
         self.out_dir = Path(config.run.out_dir)
         self.device = resolve_device(config.run.device)
@@ -92,38 +112,11 @@ class Trainer:
         self.split = data_split or split(
             self.dataset.y_train, per_class=config.data.per_class, val_fraction=config.data.val_fraction, seed=run.seed
         )
-        self.teacher = teacher if teacher is not None else make_teacher(config, self.dataset, self.split, self.device)
-
-        torch.manual_seed(run.seed)  # the student's initialisation depends on the seed only
-        student = build_model(config.student.model, self.dataset.input_shape, self.dataset.num_classes)
-        torch.manual_seed(run.seed + 1)  # then the method's own modules
-        distill = config.distill
-        candidates = {
-            "weight": distill.method_weights.get(distill.method, distill.weight),
-            "kd_temperature": distill.kd_temperature,
-            "temperature": distill.temperature,
-            "filter_hidden": distill.filter_hidden,
-            "n_rounds": distill.n_rounds,
-            "filter_fraction": distill.filter_fraction,
-            "schedule_unit": distill.schedule_unit,
-            "schedule_placement": distill.schedule_placement,
-            "variant": distill.variant,
-            "redundancy_from_round": distill.redundancy_from_round,
-            "min_variance": distill.min_variance,
-        }
-        self.distiller = Distiller(
-            student.to(self.device),
-            self.teacher.to(self.device),
-            student_layers=distill.student_layers,
-            teacher_layers=distill.teacher_layers,
-            method=distill.method,
-            num_classes=self.dataset.num_classes,
-            input_shape=self.dataset.input_shape,
-            standardize_teacher=distill.standardize_teacher,
-            teacher_noise_fraction=config.teacher.noise_fraction if config.teacher.kind == "noisy" else 0.0,
-            noise_seed=run.seed,
-            **method_options(distill.method, candidates, strict=False),
-        ).to(self.device)
+        if teacher is None:
+            check_models(config, self.dataset, self._steps_per_epoch())
+            teacher = make_teacher(config, self.dataset, self.split, self.device)
+        self.teacher = teacher
+        self.distiller = build_distiller(config, self.dataset, self.teacher, self.device)
         self.distiller.fit_teacher_statistics(self.dataset.x_train[self.split.teacher].to(self.device))
 
         self.optimizers = {
@@ -135,6 +128,20 @@ class Trainer:
         self.best_val = -math.inf
         self.start_epoch = 0
         self.student_progress = 0.0  # student-phase epochs done: the learning-rate clock
+
+    @classmethod
+    def resume(cls, config: ExperimentConfig) -> Trainer:
+        """The run in ``config.run.out_dir``, restored from its newest intact checkpoint, ready to
+        :meth:`train` on. Nothing is trained before: the teacher, like every other weight, comes
+        from the checkpoint. The checkpoint must have been trained with ``config`` (up to the
+        values a resumed run may change, see :func:`rid_fast.train.config.resume_config`)."""
+        check(config)
+        state = cls._newest_state(Path(config.run.out_dir), config)
+        dataset = load_dataset(config.data.name, config.data.data_dir)
+        architecture = build_model(config.teacher.model, dataset.input_shape, dataset.num_classes)
+        trainer = cls(config, dataset=dataset, teacher=architecture)
+        trainer._restore(state)
+        return trainer
 
     # ---- data ---------------------------------------------------------------------------------
 
@@ -172,22 +179,43 @@ class Trainer:
         self.start_epoch = state["epoch"] + 1
         checkpoint.set_rng_state(state["rng"])
 
+    @staticmethod
+    def _newest_state(out_dir: Path, config: ExperimentConfig) -> dict:
+        """The newest intact checkpoint of the run in ``out_dir`` (a :class:`ResumeWarning` names
+        every checkpoint that could not be used, and the one taken), after checking it was trained
+        with ``config``.
+        Raises :class:`~rid_fast.train.checkpoint.CheckpointError` naming every file when none is intact."""
+        ckpt_dir = out_dir / "ckpt"
+        try:
+            state, path, problems = checkpoint.load_newest([ckpt_dir / name for name in CHECKPOINT_NAMES])
+        except checkpoint.CheckpointError as error:
+            raise checkpoint.CheckpointError(f"cannot resume {str(out_dir)!r}: {error}") from None
+        for key in ("epoch", "config", "distiller", "optimizers", "history", "rng"):
+            if key not in state:
+                raise checkpoint.CheckpointError(f"{path} holds no complete training state (no {key!r})")
+        if path.name != CHECKPOINT_NAMES[0] and not problems:
+            problems = [f"{ckpt_dir / CHECKPOINT_NAMES[0]} is missing"]
+        if problems:
+            warnings.warn(f"{'; '.join(problems)}; resuming from {path} (after epoch {state['epoch'] + 1})",
+                          ResumeWarning, stacklevel=3)  # fmt: skip
+        refuse_changes(from_dict(ExperimentConfig, state["config"]), config, f"resuming from {path} with this config")
+        return state
+
+    def _write_checkpoints(self, state: dict, best_state: dict | None) -> None:
+        ckpt_dir = self.out_dir / "ckpt"
+        latest, previous, best = (ckpt_dir / name for name in CHECKPOINT_NAMES)
+        checkpoint.save_atomic(state, latest, keep_previous=previous)
+        if best_state is not None:
+            checkpoint.save_atomic(best_state, best)
+
     # ---- training -----------------------------------------------------------------------------
 
     def _steps_per_epoch(self) -> int:
         return math.ceil(len(self.split.student) / self.config.optim.batch_size)
 
     def schedule_length(self) -> int:
-        """Length of the method's schedule in its unit (epochs, or steps for a per-step schedule):
-        ``optim.epochs`` worth of student updates, plus — with ``distill.equal_student_steps`` —
-        the positions the method spends in other phases (RID's filter phases), so every method's
-        student gets exactly the same number of updates (:meth:`Distiller.total_for_student`)."""
-        epochs = self.config.optim.epochs
-        student = epochs * self._steps_per_epoch() if self.distiller.method.schedule_unit == "step" else epochs
-        if self.config.distill.equal_student_steps:
-            return self.distiller.total_for_student(student)
-        self.distiller.phase(0, student)  # checks that the schedule can be honoured over that length
-        return student
+        """Length of the method's schedule in its unit (:func:`~rid_fast.train.distillers.schedule_length`)."""
+        return schedule_length(self.config, self.distiller, self._steps_per_epoch())
 
     def total_epochs(self) -> int:
         """Epochs to run: the schedule's length, in epochs (a per-step schedule's last epoch may
@@ -209,8 +237,6 @@ class Trainer:
     def measure_pid(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> dict[str, float]:
         """PID of every distilled layer pair on ``(x, y)``, the test set by default (see
         :mod:`rid_fast.train.measure`)."""
-        from rid_fast.train.measure import layer_pids
-
         if (x is None) != (y is None):
             raise ValueError("measure_pid takes x and y together (or neither, for the test set)")
         if not self.config.distill.teacher_layers:
@@ -223,14 +249,17 @@ class Trainer:
             return layer_pids(self.distiller, x, y, n_components=run.pid_components, n_clusters=run.pid_clusters)
 
     def train(self, *, resume: bool = False, step_callback=None) -> dict:
-        """Run the remaining epochs; returns the last metrics row. ``step_callback(epoch, step,
-        out)`` sees every step's output dict (tests use it)."""
+        """Run the remaining epochs; returns the last metrics row. ``resume``: first restore the
+        newest intact checkpoint of ``run.out_dir`` (see :meth:`resume`, which also skips building
+        the teacher). ``step_callback(epoch, step, out)`` sees every step's output dict (tests use it)."""
         config, run = self.config, self.config.run
+        if resume:
+            self._restore(self._newest_state(self.out_dir, config))
+        if self.start_epoch == 0:  # a fresh run: an earlier run's checkpoints must not pass for its own
+            for name in CHECKPOINT_NAMES:
+                (self.out_dir / "ckpt" / name).unlink(missing_ok=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(yaml.safe_dump(to_dict(config), sort_keys=False), self.out_dir / "config.yaml")
-        ckpt_dir = self.out_dir / "ckpt"
-        if resume:
-            self._restore(checkpoint.load(ckpt_dir / "latest.pt", map_location=self.device))
         x_train, y_train = self._tensors(self.split.student)
         x_val, y_val = self._tensors(self.split.validation)
         x_test, y_test = self._tensors(None)
@@ -242,7 +271,7 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.amp and self.device.type == "cuda")
 
         teacher_cache = None if augment else self._teacher_cache(x_train)
-        best_state = None  # the state at a new best validation accuracy, until the next checkpoint write
+        best_state = None  # a copy of the state at a new best validation accuracy, until the next checkpoint write
         bar = tqdm(range(self.start_epoch, epochs), desc=config.distill.method, disable=not self.progress)
         for epoch in bar:
             started = time.perf_counter()
@@ -252,10 +281,8 @@ class Trainer:
             for optimizer in self.optimizers.values():
                 set_learning_rate(optimizer, lr)
             self.distiller.train()
-            sums: dict[str, float] = defaultdict(float)
-            counts: dict[str, int] = defaultdict(int)
+            log = _EpochLog()
             phases = []
-            correct = seen = 0
             for step, idx in enumerate(batch_indices(len(x_train), batch_size, seed=run.seed, epoch=epoch)):
                 position = epoch * steps_per_epoch + step if per_step else epoch
                 if position >= total:  # a per-step schedule may end part way through its last epoch
@@ -277,18 +304,18 @@ class Trainer:
                     step_callback(epoch, step, out)
                 for key, value in out.items():
                     if key != "logits":
-                        sums[f"{phase}/{key}"] += float(value.detach())
-                        counts[f"{phase}/{key}"] += 1
+                        log.add(f"{phase}/{key}", value)
                 if phase == "student":
-                    correct += int((out["logits"].argmax(1) == y_train[idx]).sum())
-                    seen += len(idx)
+                    log.add("train_acc", 100.0 * (out["logits"].argmax(1) == y_train[idx]).sum(), count=len(idx))
                     self.student_progress += 1.0 / steps_per_epoch
                 phases.append(phase)
             row = {"epoch": epoch + 1, "phase": "/".join(dict.fromkeys(phases)), "lr": lr}
-            row.update({key: sums[key] / counts[key] for key in sums})
-            if seen:
-                row["train_acc"] = 100.0 * correct / seen
-            if (epoch + 1) % max(run.eval_every, 1) == 0 or epoch + 1 == epochs:
+            means = log.means()
+            train_acc = means.pop("train_acc", None)
+            row.update(means)
+            if train_acc is not None:
+                row["train_acc"] = train_acc
+            if (epoch + 1) % run.eval_every == 0 or epoch + 1 == epochs:
                 row["val_acc"] = accuracy(self.distiller.student, x_val, y_val)
                 row["test_acc"] = accuracy(self.distiller.student, x_test, y_test)
             if run.pid_every > 0 and ((epoch + 1) % run.pid_every == 0 or epoch + 1 == epochs):
@@ -296,13 +323,13 @@ class Trainer:
             row["seconds"] = time.perf_counter() - started
             self.history.append(row)
             write_csv_atomic(self.history, self.out_dir / "metrics.csv")
+            checkpoint_now = (run.checkpoint_every and (epoch + 1) % run.checkpoint_every == 0) or epoch + 1 == epochs
             if row.get("val_acc", -math.inf) > self.best_val:
                 self.best_val = row["val_acc"]
-                best_state = self._state(epoch)
-            if (run.checkpoint_every and (epoch + 1) % run.checkpoint_every == 0) or epoch + 1 == epochs:
-                checkpoint.save_atomic(self._state(epoch), ckpt_dir / "latest.pt")
-                if best_state is not None:
-                    checkpoint.save_atomic(best_state, ckpt_dir / "best.pt")
-                    best_state = None
+                # A copy: the live state changes in the epochs until the next checkpoint write.
+                best_state = self._state(epoch) if checkpoint_now else copy.deepcopy(self._state(epoch))
+            if checkpoint_now:
+                self._write_checkpoints(self._state(epoch), best_state)
+                best_state = None
             bar.set_postfix({k: f"{row[k]:.1f}" for k in ("val_acc", "test_acc") if k in row})
         return self.history[-1] if self.history else {}

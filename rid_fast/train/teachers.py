@@ -8,26 +8,28 @@
 * ``noisy`` — the trained teacher, with a fraction of its distilled channels replaced by noise
   (done by :class:`rid_fast.distill.distiller.TeacherFeatureTransform`, ``teacher.noise_fraction``).
 
-A user's own trained teacher can be given as ``teacher.checkpoint`` (a state_dict file).
+A user's own trained teacher can be given as ``teacher.checkpoint`` (a state_dict file, read
+with ``weights_only=True``). A cached teacher is a checkpoint with a content digest
+(:mod:`rid_fast.train.checkpoint`); one that is damaged is trained again, with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from rid_fast.train import checkpoint
+from rid_fast.train.config import TEACHER_KINDS
 from rid_fast.train.data import Dataset, Split
 from rid_fast.train.models import build_model
 from rid_fast.train.supervised import accuracy, fit_classifier
 
 __all__ = ["TEACHER_KINDS", "make_teacher", "teacher_cache_path"]
-
-TEACHER_KINDS = ("trained", "untrained", "noisy")
 
 
 def teacher_cache_path(config, cache_dir: Path) -> Path:
@@ -58,12 +60,15 @@ def make_teacher(
     if kind == "untrained":
         return teacher.eval()
     if config.teacher.checkpoint:
-        teacher.load_state_dict(checkpoint.load(config.teacher.checkpoint, map_location=device))
+        teacher.load_state_dict(_user_state_dict(config.teacher.checkpoint, device))
         return teacher.eval()
     cache = teacher_cache_path(config, Path(cache_dir or Path(config.run.out_dir) / "teachers"))
     if cache.is_file():
-        teacher.load_state_dict(checkpoint.load(cache, map_location=device)["state_dict"])
-        return teacher.eval()
+        try:
+            teacher.load_state_dict(checkpoint.load(cache, kind=checkpoint.TEACHER)["state_dict"])
+            return teacher.eval()
+        except checkpoint.CheckpointError as error:
+            warnings.warn(f"{error}; training the teacher again", stacklevel=2)
     x, y = dataset.x_train[data_split.teacher].to(device), dataset.y_train[data_split.teacher].to(device)
     fit_classifier(
         teacher, x, y, config.teacher.optim, seed=config.run.seed, augment=config.data.augment and x.dim() == 4
@@ -73,5 +78,18 @@ def make_teacher(
         "val_acc": accuracy(teacher, x_val, y_val),
         "test_acc": accuracy(teacher, dataset.x_test.to(device), dataset.y_test.to(device)),
     }
-    checkpoint.save_atomic({"state_dict": teacher.state_dict(), **report}, cache)
+    checkpoint.save_atomic({"state_dict": teacher.state_dict(), **report}, cache, kind=checkpoint.TEACHER)
     return teacher.eval()
+
+
+def _user_state_dict(path: str, device: torch.device) -> dict:
+    """The state_dict in the user's file ``teacher.checkpoint``, read with ``weights_only=True``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"teacher.checkpoint: no file {path!r}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # damaged files fail in the zip reader or the unpickler
+        raise ValueError(f"teacher.checkpoint: torch cannot read {path!r} as a state_dict ({error})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"teacher.checkpoint: {path!r} holds a {type(state).__name__}, not a state_dict")
+    return state

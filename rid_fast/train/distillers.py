@@ -1,0 +1,79 @@
+"""A run's distiller, built from its config: the student (initialised from the run's seed), the
+given teacher, and the chosen method with the options of its config section.
+
+The trainer builds it around its teacher; :mod:`rid_fast.train.measure` and a resumed run build
+it around an untrained teacher of the right architecture, since every weight then comes from a
+checkpoint. :func:`check_models` builds it once on the side, so that a wrong model, layer name
+or method option — or a schedule that cannot be honoured over the run — is reported before any
+teacher trains. :func:`schedule_length` is the run's length in the method's schedule unit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rid_fast.distill.distiller import Distiller
+from rid_fast.train.config import ExperimentConfig
+from rid_fast.train.data import Dataset
+from rid_fast.train.models import build_model
+
+__all__ = ["build_distiller", "check_models", "schedule_length"]
+
+
+def build_distiller(config: ExperimentConfig, dataset: Dataset, teacher: nn.Module, device: torch.device) -> Distiller:
+    """The distiller of ``config``'s run around ``teacher``, on ``device``. Seeds torch's generator:
+    the student's initialisation depends on ``run.seed`` alone, the method's modules on it too."""
+    run, distill = config.run, config.distill
+    torch.manual_seed(run.seed)
+    student = build_model(config.student.model, dataset.input_shape, dataset.num_classes)
+    torch.manual_seed(run.seed + 1)
+    return Distiller(
+        student.to(device),
+        teacher.to(device),
+        student_layers=distill.student_layers,
+        teacher_layers=distill.teacher_layers,
+        method=distill.method,
+        num_classes=dataset.num_classes,
+        input_shape=dataset.input_shape,
+        standardize_teacher=distill.standardize_teacher,
+        teacher_noise_fraction=config.teacher.noise_fraction if config.teacher.kind == "noisy" else 0.0,
+        noise_seed=run.seed,
+        **distill.method_options(),
+    ).to(device)
+
+
+def schedule_length(config: ExperimentConfig, distiller: Distiller, steps_per_epoch: int) -> int:
+    """Length of the method's schedule in its unit (epochs, or steps for a per-step schedule):
+    ``optim.epochs`` worth of student updates, plus — with ``distill.equal_student_steps`` — the
+    positions the method spends in other phases (RID's filter phases), so every method's student
+    gets exactly the same number of updates (:meth:`Distiller.total_for_student`).
+    Raises ``ValueError`` (saying what would do) when the schedule cannot be honoured."""
+    epochs = config.optim.epochs
+    student = epochs * steps_per_epoch if distiller.method.schedule_unit == "step" else epochs
+    if config.distill.equal_student_steps:
+        return distiller.total_for_student(student)
+    distiller.phase(0, student)  # checks that the schedule can be honoured over that length
+    return student
+
+
+def check_models(config: ExperimentConfig, dataset: Dataset, steps_per_epoch: int | None = None) -> None:
+    """Build the run's distiller around an untrained teacher on the CPU and throw it away: the
+    models, the distilled layers and the method's options are checked (``ValueError`` naming what
+    is wrong) in milliseconds instead of after a teacher has trained. Torch's CPU generator is
+    left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            teacher = build_model(config.teacher.model, dataset.input_shape, dataset.num_classes)
+        except ValueError as error:
+            raise ValueError(f"teacher.model: {error}") from None
+        try:
+            build_model(config.student.model, dataset.input_shape, dataset.num_classes)
+        except ValueError as error:
+            raise ValueError(f"student.model: {error}") from None
+        distiller = build_distiller(config, dataset, teacher, torch.device("cpu"))
+        try:
+            if steps_per_epoch is not None:
+                schedule_length(config, distiller, steps_per_epoch)
+        finally:
+            distiller.close()
