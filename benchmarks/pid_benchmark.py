@@ -35,9 +35,12 @@ def _synchronize(device: str) -> None:
 
 def run_shape(shape: tuple[int, int, int], n: int, sample: int, device: str) -> dict:
     """rid_fast's throughput on ``n`` distributions of ``shape``, and cvxpy's on ``sample`` of them."""
-    torch.manual_seed(0)
     size = shape[0] * shape[1] * shape[2]
-    p = torch.distributions.Dirichlet(torch.ones(size, dtype=torch.float64)).sample((n,)).reshape(n, *shape)
+    # Dirichlet(1) draws from their own seeded generator (the same numbers as torch.manual_seed(0)
+    # followed by torch.distributions.Dirichlet(...).sample, which takes no generator), so that
+    # the inputs do not depend on, or change, the process's global random state.
+    gen = torch.Generator().manual_seed(0)
+    p = torch._sample_dirichlet(torch.ones(n, size, dtype=torch.float64), generator=gen).reshape(n, *shape)
     p_dev = p.to(device)
     pid.broja_batch(p_dev[:2])  # warm-up
     _synchronize(device)

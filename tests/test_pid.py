@@ -1,11 +1,15 @@
 """BROJA PID: canonical distributions, a reference convex solver, invariants, the certificate,
 the discretisation protocol against scikit-learn, and bad inputs."""
 
+import json
 import math
+import warnings
 
 import numpy as np
+import pid_accuracy
 import pytest
 import torch
+from pid_accuracy import random_distributions  # benchmarks/pid_accuracy.py: seeded Dirichlet batches
 
 from rid_fast import pid
 from rid_fast.pid import protocol
@@ -46,13 +50,107 @@ def test_canonical_distributions(name):
     assert result.gap <= 1e-6
 
 
-def random_distributions(n: int, shape, *, concentration: float = 1.0, zeros: float = 0.0, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    size = math.prod(shape)
-    p = torch.distributions.Gamma(torch.full((n, size), concentration), 1.0).sample().double()
-    p = p * (torch.rand(n, size, generator=gen) >= zeros)
-    p[:, 0] += (p.sum(1) == 0).double()  # never all zero
-    return (p / p.sum(1, keepdim=True)).reshape(n, *shape)
+def from_outcomes(outcomes: dict[str, float]) -> torch.Tensor:
+    """P(y, t, s) of shape (3, 3, 3) from outcomes written as dit writes them, "t s y" (the target
+    last); "_" is an erased value (index 2). Alphabets smaller than 3 are padded with zeros."""
+    value = {"0": 0, "1": 1, "_": 2}
+    p = torch.zeros(3, 3, 3, dtype=torch.float64)
+    for (t, s, y), probability in outcomes.items():
+        p[value[y], value[t], value[s]] += probability
+    return p
+
+
+# Two of dit's bivariate PID examples (dit.pid.distributions.bivariates "not two" and "erase"),
+# written out. Their BROJA unique informations are exactly 0, and the optimal Q empties whole
+# (t, s) blocks: the optimum lies on a face of Δ_P.
+NOT_TWO = from_outcomes({"000": 1 / 5, "001": 1 / 5, "010": 1 / 5, "100": 1 / 5, "111": 1 / 5})
+ERASE = from_outcomes(  # dit's erasure(RDN): each of T, S, Y = B erased independently with probability 1/2
+    {
+        **{"000": 1 / 16, "00_": 1 / 16, "0_0": 1 / 16, "0__": 1 / 16, "_00": 1 / 16, "_0_": 1 / 16, "__0": 1 / 16},
+        **{"111": 1 / 16, "11_": 1 / 16, "1_1": 1 / 16, "1__": 1 / 16, "_11": 1 / 16, "_1_": 1 / 16, "__1": 1 / 16},
+        "___": 1 / 8,
+    }
+)
+ROUNDING = 1e-14  # bits: the float64 rounding of the atoms' sums and differences of entropies (≤ 2 bits)
+
+
+def assert_within_gap(result, exact: dict[str, float]) -> None:
+    """Every atom in ``exact`` lies within the certified gap of its exact value (up to rounding)."""
+    for atom, value in exact.items():
+        assert abs(float(getattr(result, atom)) - value) <= float(result.gap) + ROUNDING, atom
+
+
+@pytest.mark.parametrize("tol", [1e-8, 1e-12])
+@pytest.mark.parametrize("name", ["not_two", "erase"])
+def test_gates_whose_optimum_lies_on_a_face_are_certified_to_tol(name, tol):
+    """These stalled at 7.1e-7 and 3.6e-7 bits (unique information reported as that much) whatever
+    the tol, without a word: the path only nears the face, and the iterate's entropy trails."""
+    p = {"not_two": NOT_TWO, "erase": ERASE}[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tol is reached: no warning
+        result = pid.broja(p, tol=tol)
+    assert result.gap <= tol / pid.LN2
+    # Exact: Uni = 0 both ways, so Red = I(Y;T) = I(Y;S). For erase, I(Y;T) = P(Y, T unerased)
+    # · 1 bit = 1/4 and I(Y;T,S) = P(Y unerased)·P(T or S unerased) = 3/8, so Syn = 1/8.
+    exact = {"uni_t": 0.0, "uni_s": 0.0, "red": result.mi_t}
+    if name == "erase":
+        exact |= {"red": 0.25, "syn": 0.125, "mi_ts": 0.375}
+    assert_within_gap(result, exact)
+
+
+def solve_and_check_warning(p: torch.Tensor, **options):
+    """broja_batch(p, **options), checking its warning: one RuntimeWarning that counts the
+    distributions whose gap is above tol, or none when there are none."""
+    tol = options.get("tol", 1e-8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = pid.broja_batch(p, **options)
+    missed = int((result.gap > tol / pid.LN2).sum())
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if missed:
+        assert len(messages) == 1 and f"{missed} of {len(p)} distributions" in messages[0], messages
+        assert f"{float(result.gap.max()):.3g} bits" in messages[0], messages
+    else:
+        assert not messages, messages
+    return result, missed
+
+
+def test_a_call_that_stops_above_tol_warns_once_and_its_gap_still_bounds_the_error():
+    gates = {  # distribution, exact atoms (bits)
+        "not_two": (NOT_TWO, {"uni_t": 0.0, "uni_s": 0.0}),
+        "erase": (ERASE, {"red": 0.25, "uni_t": 0.0, "uni_s": 0.0, "syn": 0.125}),
+        "XOR": (from_outcomes({"000": 1 / 4, "011": 1 / 4, "101": 1 / 4, "110": 1 / 4}), {"red": 0, "syn": 1}),
+        "RDN": (from_outcomes({"000": 1 / 2, "111": 1 / 2}), {"red": 1, "uni_t": 0, "uni_s": 0, "syn": 0}),
+        "AND": (
+            from_outcomes({"000": 1 / 4, "010": 1 / 4, "100": 1 / 4, "111": 1 / 4}),
+            {"red": 1.5 - 0.75 * math.log2(3), "uni_t": 0, "uni_s": 0, "syn": 0.5},
+        ),
+    }
+    p = torch.stack([d for d, _ in gates.values()])
+    result, missed = solve_and_check_warning(p, max_iter=5)  # stopped early on purpose
+    assert 0 < missed < len(p)  # some certified within 5 steps, some not
+    for i, (_, exact) in enumerate(gates.values()):
+        assert_within_gap(result.item(i), exact)
+
+
+def test_a_source_with_one_value_is_certified_to_tol():
+    """With one value of T, Δ_P is the single point P and the iterate is exact from the start;
+    Newton's multipliers of rows with negligible mass (entries spanning hundreds of decades)
+    held the dual bound up to 3.6e-2 bits above it on these distributions."""
+    p = random_distributions(128, (4, 1, 6), concentration=0.02, zeros=0.3, seed=1011)
+    result, missed = solve_and_check_warning(p)
+    assert missed == 0, float(result.gap.max())
+    for atom in ("red", "uni_t"):  # I(Y;T) = 0: T knows nothing
+        assert bool((getattr(result, atom).abs() <= result.gap + ROUNDING).all()), atom
+
+
+def test_random_inputs_ignore_the_global_random_state():
+    """What the tests compare cannot depend on the order they run in."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        first = random_distributions(2, (3, 4, 2), concentration=0.5, zeros=0.5, seed=9)
+        torch.manual_seed(2)
+        assert torch.equal(first, random_distributions(2, (3, 4, 2), concentration=0.5, zeros=0.5, seed=9))
 
 
 def reference_max_conditional_entropy(p: torch.Tensor) -> float:
@@ -77,7 +175,7 @@ def test_matches_a_reference_convex_solver(shape, zeros):
 
 def test_invariants_and_certificate_on_random_distributions():
     p = torch.cat([random_distributions(32, (4, 5, 3), seed=1), random_distributions(32, (4, 5, 3), zeros=0.6, seed=2)])
-    result = pid.broja_batch(p)
+    result, _ = solve_and_check_warning(p)
     atoms = torch.stack([getattr(result, a) for a in ATOMS])
     assert bool((atoms >= -1e-6).all())
     torch.testing.assert_close(atoms.sum(0), result.mi_ts, atol=1e-9, rtol=0)
@@ -93,9 +191,8 @@ def test_invariants_and_certificate_on_random_distributions():
 def test_peaked_distributions_with_tiny_entries(shape):
     """Entries spanning hundreds of decades (Dirichlet(0.02), some zeros) and a source with a single
     value: no failure, atoms that add up, and a certified gap within the 1e-4-bit requirement."""
-    torch.manual_seed(sum(shape))
     p = random_distributions(16, shape, concentration=0.02, zeros=0.3, seed=sum(shape))
-    result = pid.broja_batch(p)
+    result, _ = solve_and_check_warning(p)  # a few may stop above tol, and say so
     assert bool((result.gap <= 1e-4).all()), float(result.gap.max())
     atoms = torch.stack([getattr(result, a) for a in ATOMS])
     assert bool((atoms >= -1e-4).all())
@@ -106,7 +203,8 @@ def test_certificate_bounds_the_error():
     """The reported gap is a proof: the true optimum lies within it (checked against cvxpy)."""
     pytest.importorskip("cvxpy")
     p = random_distributions(4, (3, 3, 3), seed=7)
-    coarse = pid.broja_batch(p, max_iter=3)  # stopped early: a large but honest gap
+    with pytest.warns(RuntimeWarning, match="4 of 4 distributions stopped above tol"):
+        coarse = pid.broja_batch(p, max_iter=3)  # stopped early: a large but honest gap
     h_y, _, _, mi_ts = pid.mutual_informations(p)
     for i in range(len(p)):
         synergy = float(mi_ts[i] - (h_y[i] - reference_max_conditional_entropy(p[i]))) / pid.LN2
@@ -149,6 +247,23 @@ def test_bad_distributions(bad, match):
         pid.broja(bad)
 
 
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"tol": 0.0}, "tol must be a positive number"),
+        ({"tol": -1e-8}, "tol must be a positive number"),
+        ({"tol": math.nan}, "tol must be a positive number"),
+        ({"max_iter": 0}, "max_iter must be a positive integer"),
+        ({"max_iter": 2.5}, "max_iter must be a positive integer"),
+    ],
+)
+def test_bad_solver_options(options, match):
+    p = CANONICAL["AND"][0]
+    for solve in (pid.broja, lambda p, **kw: pid.broja_batch(p[None], **kw)):
+        with pytest.raises(ValueError, match=match):
+            solve(p, **options)
+
+
 def test_pca_matches_scikit_learn():
     sklearn = pytest.importorskip("sklearn.decomposition")
     x = torch.nn.functional.normalize(
@@ -177,14 +292,15 @@ def test_kmeans_matches_scikit_learn():
 
 
 def test_discretize_is_seeded_and_checks_inputs():
-    x = torch.randn(120, 8, 3, 3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 8, 3, 3, generator=gen)
     labels = pid.discretize(x, n_clusters=4, seed=3)
     assert labels.shape == (120,) and labels.dtype == torch.int64 and set(labels.tolist()) <= set(range(4))
     assert torch.equal(labels, pid.discretize(x, n_clusters=4, seed=3))
     with pytest.raises(ValueError, match="n_clusters"):
         pid.discretize(x, n_clusters=500)
     with pytest.raises(ValueError, match="n_components"):
-        pid.discretize(torch.randn(10, 3), n_components=4)
+        pid.discretize(torch.randn(10, 3, generator=gen), n_components=4)
     with pytest.raises(ValueError, match="floating-point"):
         pid.discretize(torch.ones(10, 3, dtype=torch.int64))
 
@@ -204,3 +320,14 @@ def test_measure_a_student_that_copies_the_teacher():
     assert ignorant.uni_t > 0.8 * copied.mi_t  # an unrelated student leaves the teacher's knowledge unique
     with pytest.raises(ValueError, match="student_reps must have shape"):
         pid.measure(teacher, teacher[:10], labels)
+
+
+def test_accuracy_record_runs_end_to_end(tmp_path):
+    """benchmarks/pid_accuracy.py, the record behind the README's accuracy figures, on 2 per row."""
+    pid_accuracy.main(["--n", "2", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "pid_accuracy.json").read_text())["rows"]
+    assert [(r["family"], tuple(r["shape"])) for r in rows] == [
+        (family, shape) for family in pid_accuracy.FAMILIES for shape in pid_accuracy.SHAPES
+    ]
+    assert all(0 <= r["above_tol"] <= 2 and r["max_gap_bits"] >= 0 for r in rows)
+    assert (tmp_path / "pid_accuracy.md").read_text().startswith("# BROJA PID: certified accuracy")

@@ -47,12 +47,24 @@ tenfold whenever the barrier problem is solved to its own accuracy (Newton decre
 variable). The multipliers give :math:`\lambda_{yt} + \mu_{ys} \approx -\log Q(y \mid t,s)`; shifted
 so that :math:`\log\sum_y e^{-(\lambda_{yt}+\mu_{ys})} \le 0` for every (t, s), they are feasible for
 the dual :math:`\min \sum\lambda_{yt}P(y,t) + \sum\mu_{ys}P(y,s)`, whose value bounds
-:math:`\max H_Q(Y|T,S)` from above. The solver stops when that gap is below ``tol``.
+:math:`\max H_Q(Y|T,S)` from above. Where the gap stops closing, two more certificates are tried:
+the entropy of a feasible point on the face of :math:`\Delta_P` where the optimum appears to lie
+(whole (t, s) blocks empty, which the path nears only as fast as τ falls), and the dual objective at
+multipliers refit to the iterate (Newton's are all but undetermined on rows of negligible mass).
+
+**Accuracy.** A distribution stops once its gap is at most ``tol``, when the gap has stalled
+(the Newton system loses digits when entries of Q span many decades), or after ``max_iter``
+steps; a call where some stopped above ``tol`` says so in one ``RuntimeWarning`` (their number
+and largest gap). Whatever the stop, every atom lies within its ``gap`` of the exact value. With
+the default ``tol`` (1e-8 nats, 1.44e-8 bits), random distributions, dense or with most entries
+zero, and the canonical and degenerate gates reach it; distributions whose entries span hundreds
+of decades miss it now and then, by up to a few 1e-7 bits (benchmarks/results/pid_accuracy.md).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -62,14 +74,36 @@ from torch import Tensor
 __all__ = ["PID", "broja", "broja_batch", "check_distribution", "mutual_informations", "LN2"]
 
 LN2 = math.log(2.0)
-_TAU_MIN = 1e-14  # smallest barrier weight
-_Q_FLOOR = 1e-30  # smallest entry on the support
-_REFINE = 2  # steps of iterative refinement of each Newton direction
+
+# ---- the solver's constants (nats where a unit applies) --------------------------------------
+# Iterates and their certificate.
+_Q_FLOOR = 1e-30  # smallest entry of Q on the support (rounding could zero one and pin the path)
 _FEASIBLE = 1e-13  # largest marginal error of an iterate whose entropy counts as a lower bound
+_PROJECT_SWEEPS = 100  # most sweeps of iterative proportional fitting per projection onto Δ_P
+_PROJECTED = 1e-15  # marginal error at which the projection stops early
+_TINY = 1e-300  # floor of divisors that are 0 only where their result is masked out
+# The Newton system.
+_RIDGE = 1e-13  # added to the diagonal of the unit-scaled reduced blocks M_tt, M_ss
+_RIDGE_FALLBACK = 1e-10  # the ridge of an M_tt block that rounding left singular under _RIDGE
+_REFINE = 2  # most steps of iterative refinement of each Newton direction
+_REFINED = _FEASIBLE / 100  # marginal residual of a direction at which refinement stops
+# The barrier path.
+_TAU_START = 1.0  # the first barrier weight, per distribution, spread over its variables
+_TAU_MIN = 1e-14  # smallest barrier weight
+_TAU_DECREASE = 0.1  # factor on τ once the barrier problem is solved (or admits no ascent)
+_TAU_BACKOFF = 100.0  # factor on τ after a step blocked by the boundary (re-centre)
+# The step along a Newton direction.
+_TO_BOUNDARY = 0.99  # the longest step goes this fraction of the way to the boundary Q = 0
+_ARMIJO = 1e-4  # sufficient ascent: the fraction of the predicted ascent α·decrement required
+_ARMIJO_ROUNDING = 1e-15  # relative rounding allowance on the barrier objective in that test
 _BACKTRACKS = 12  # step halvings before a distribution skips the step
-_STALL_STEPS = 8  # Newton steps without halving the duality gap before a distribution stops
-_RESTART_ABOVE = 1e-7  # nats: a stalled gap above this restarts the path (at most _RESTARTS times)
+_BLOCKED_STEP = 1e-10  # an accepted step shorter than this counts as blocked by the boundary
+# Stopping, stalls and restarts.
+_PROGRESS = 0.5  # a step makes progress when the gap falls below this fraction of its best so far
+_STALL_STEPS = 8  # Newton steps without progress before a distribution stops
+_RESTART_ABOVE = 1e-7  # a stalled gap above this restarts the path (at most _RESTARTS times)
 _RESTARTS = 3
+_COMPACT = 4  # finished distributions leave the batch once they are 1/_COMPACT of it
 
 
 @dataclass
@@ -184,7 +218,7 @@ class _Newton:
         self.p_yt, self.p_ys = p.sum(3), p.sum(2)  # (n, Y, T), (n, Y, S)
         self.support = (self.p_yt[..., None] > 0) & (self.p_ys[:, :, None, :] > 0)  # (n, Y, T, S)
         p_y = self.p_yt.sum(2)
-        start = self.p_yt[..., None] * self.p_ys[:, :, None, :] / p_y.clamp_min(1e-300)[..., None, None]
+        start = self.p_yt[..., None] * self.p_ys[:, :, None, :] / p_y.clamp_min(_TINY)[..., None, None]
         self.q = torch.where(self.support, start, torch.zeros_like(start))
         self.n_vars = self.support.flatten(1).sum(1).to(p.dtype)  # (n,)
         # Constraint rows with no variables are inactive, and per label one (y, s) row is
@@ -213,7 +247,7 @@ class _Newton:
     def gradient(self, q: Tensor) -> Tensor:
         """∇H_Q(Y|T,S) = −log Q(y|t,s) on the support, 0 elsewhere; (n, Y, T, S)."""
         safe_q = torch.where(self.support, q, 1.0)
-        q_ts = q.sum(1, keepdim=True).clamp_min(1e-300)
+        q_ts = q.sum(1, keepdim=True).clamp_min(_TINY)
         return torch.where(self.support, -torch.log(safe_q / q_ts), 0.0)
 
     # ---- the Newton system -------------------------------------------------------------------
@@ -234,23 +268,22 @@ class _Newton:
         support = self.support
         w = torch.where(support, q / (1 + z), 0.0)  # (n, Y, T, S)
         slack = q.sum(1) - w.sum(1)  # (n, T, S), > 0 where the block has support
-        c = torch.where(slack > 0, 1.0 / slack.clamp_min(1e-300), 0.0)  # (n, T, S)
+        c = torch.where(slack > 0, 1.0 / slack.clamp_min(_TINY), 0.0)  # (n, T, S)
         diag = w + c[:, None] * w * w  # diagonal of each K⁻¹_ts block
-        d_t = torch.where(self.active_t, diag.sum(3).clamp_min(1e-300).rsqrt(), 0.0)  # (n, Y, T)
-        d_s = torch.where(self.active_s, diag.sum(2).clamp_min(1e-300).rsqrt(), 0.0)  # (n, Y, S)
+        d_t = torch.where(self.active_t, diag.sum(3).clamp_min(_TINY).rsqrt(), 0.0)  # (n, Y, T)
+        d_s = torch.where(self.active_s, diag.sum(2).clamp_min(_TINY).rsqrt(), 0.0)  # (n, Y, S)
         rows_t = w * d_t[..., None]  # (n, Y, T, S): w on the (y, t) rows, scaled
         rows_s = w * d_s[:, :, None]  # (n, Y, T, S): w on the (y, s) rows, scaled
         left = rows_t.transpose(1, 2)  # (n, T, Y, S)
         right = rows_s.permute(0, 3, 1, 2)  # (n, S, Y, T)
-        ridge = 1e-13
         m_tt = (left * c[:, :, None]) @ left.transpose(2, 3)  # (n, T, Y, Y)
-        m_tt.diagonal(dim1=2, dim2=3).add_((w.sum(3) * d_t * d_t + ~self.active_t + ridge).transpose(1, 2))
+        m_tt.diagonal(dim1=2, dim2=3).add_((w.sum(3) * d_t * d_t + ~self.active_t + _RIDGE).transpose(1, 2))
         m_ss = (right * c.transpose(1, 2)[:, :, None]) @ right.transpose(2, 3)  # (n, S, Y, Y)
-        m_ss.diagonal(dim1=2, dim2=3).add_((w.sum(2) * d_s * d_s + ~self.active_s + ridge).transpose(1, 2))
+        m_ss.diagonal(dim1=2, dim2=3).add_((w.sum(2) * d_s * d_s + ~self.active_s + _RIDGE).transpose(1, 2))
         eye = torch.eye(Y, dtype=q.dtype, device=q.device)
         l_tt, info = torch.linalg.cholesky_ex(m_tt)
         if bool((info != 0).any()):  # a block left (numerically) singular by rounding: a larger ridge
-            l_tt = torch.linalg.cholesky(m_tt + 1e-10 * eye)
+            l_tt = torch.linalg.cholesky(m_tt + _RIDGE_FALLBACK * eye)
         l_inv = torch.linalg.solve_triangular(l_tt, eye.expand(n, T, Y, Y), upper=False)  # (n, T, Y, Y)
         # X[t, y, y', s] = L⁻¹_t[y, y'] e[y', t, s] + h[t, y, s] r[y', t, s]: the diagonal part
         # e = d_t w d_s and the rank-one part h = c L⁻¹(d_t w), r = w d_s of M_ts.
@@ -297,7 +330,7 @@ class _Newton:
         for _ in range(_REFINE):
             res_t = direction.sum(3) + drift_t
             res_s = direction.sum(2) + drift_s
-            if max(float(res_t.abs().max()), float(res_s.abs().max())) <= _FEASIBLE / 100:
+            if max(float(res_t.abs().max()), float(res_s.abs().max())) <= _REFINED:
                 break
             d_lam, d_mu = self._multipliers(None, res_t, res_s)
             direction = direction - self._k_inverse(d_lam[..., None] + d_mu[:, :, None, :])
@@ -352,35 +385,229 @@ class _Newton:
             buffer = self._buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return buffer
 
-    def project(self, q: Tensor, sweeps: int = 100) -> Tensor:
-        """``q`` rescaled onto the marginal constraints by iterative proportional fitting (for each
-        y, alternately match the (y, t) and (y, s) sums); a no-op up to rounding on a feasible q,
-        and a cure for the drift that rounding adds over many Newton steps."""
-        for _ in range(sweeps):
-            rows = q.sum(3, keepdim=True)
-            q = q * torch.where(rows > 0, self.p_yt[..., None] / torch.where(rows > 0, rows, 1.0), 0.0)
-            cols = q.sum(2, keepdim=True)
-            q = q * torch.where(cols > 0, self.p_ys[:, :, None] / torch.where(cols > 0, cols, 1.0), 0.0)
-            if float(self.violation(q).max()) <= 1e-15:
-                break
-        return q
+    def project(self, q: Tensor) -> Tensor:
+        """``q`` rescaled onto the marginal constraints (:func:`_fit_marginals`): a no-op up to
+        rounding on a feasible q, and a cure for the drift that rounding adds over many Newton
+        steps."""
+        return _fit_marginals(q, self.p_yt, self.p_ys)
 
     def violation(self, q: Tensor) -> Tensor:
         """Largest deviation of Q's (y, t) and (y, s) marginals from P's, per distribution; (n,)."""
-        rows = (q.sum(3) - self.p_yt).abs().flatten(1).amax(1)
-        return torch.maximum(rows, (q.sum(2) - self.p_ys).abs().flatten(1).amax(1))
+        return _marginal_error(q, self.p_yt, self.p_ys)
 
     # ---- the certificate ---------------------------------------------------------------------
-    def dual_bound(self, lam: Tensor, mu: Tensor) -> Tensor:
-        """An upper bound on max H_Q(Y|T,S) from multipliers with λ + μ ≈ −log Q(y|t,s): shift λ
-        per t until every (t, s) satisfies logsumexp_y(−λ_yt − μ_ys) ≤ 0 (dual feasibility), then
-        evaluate the dual objective Σ λ P(y,t) + Σ μ P(y,s)."""
+    def dual_point(self, lam: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
+        """A dual-feasible point from multipliers with λ + μ ≈ −log Q(y|t,s): λ shifted per t until
+        every (t, s) satisfies logsumexp_y(−λ_yt − μ_ys) ≤ 0. Returns the shifted λ (n, Y, T) and
+        each block's slack in that constraint, −logsumexp_y(−λ_yt − μ_ys) ≥ 0 (n, T, S; +inf
+        where the block has no support): at the optimum, blocks with positive slack hold no mass."""
         scores = torch.where(self.support, -(lam[..., None] + mu[:, :, None, :]), -math.inf)
         lse = torch.logsumexp(scores, dim=1)  # (n, T, S); −inf where the block has no support
         shift = lse.amax(2)  # (n, T)
         shift = torch.where(torch.isfinite(shift), shift, 0.0)
-        lam = lam + shift[:, None, :]
+        return lam + shift[:, None, :], shift[..., None] - lse
+
+    def dual_objective(self, lam: Tensor, mu: Tensor) -> Tensor:
+        """Σ λ P(y,t) + Σ μ P(y,s): at a dual-feasible point, an upper bound on max H_Q(Y|T,S); (n,)."""
         return (lam * self.p_yt).flatten(1).sum(1) + (mu * self.p_ys).flatten(1).sum(1)
+
+
+def _fit_marginals(q: Tensor, p_yt: Tensor, p_ys: Tensor, sweeps: int = _PROJECT_SWEEPS) -> Tensor:
+    """``q`` (n, Y, T, S) rescaled towards the marginals ``p_yt`` (n, Y, T), ``p_ys`` (n, Y, S) by
+    iterative proportional fitting: for each y, alternately match the (y, t) and (y, s) sums. Zero
+    entries stay zero, so the fit stays on q's support (converging when that support holds a
+    feasible point); stops after ``sweeps`` or once every marginal is within _PROJECTED."""
+    for _ in range(sweeps):
+        rows = q.sum(3, keepdim=True)
+        q = q * torch.where(rows > 0, p_yt[..., None] / torch.where(rows > 0, rows, 1.0), 0.0)
+        cols = q.sum(2, keepdim=True)
+        q = q * torch.where(cols > 0, p_ys[:, :, None] / torch.where(cols > 0, cols, 1.0), 0.0)
+        if float(_marginal_error(q, p_yt, p_ys).max()) <= _PROJECTED:
+            break
+    return q
+
+
+def _marginal_error(q: Tensor, p_yt: Tensor, p_ys: Tensor) -> Tensor:
+    """Largest deviation of Q's (y, t) and (y, s) marginals from ``p_yt``, ``p_ys``; (n,)."""
+    rows = (q.sum(3) - p_yt).abs().flatten(1).amax(1)
+    return torch.maximum(rows, (q.sum(2) - p_ys).abs().flatten(1).amax(1))
+
+
+@dataclass
+class _Batch:
+    """The distributions still being solved, with everything the solve loop tracks per
+    distribution: the problems and their iterates Q (:class:`_Newton`) and (m,) tensors for the
+    m distributions in the batch. A distribution that is done leaves with all of it
+    (:meth:`without_finished`); :meth:`step` is one Newton step for all of them."""
+
+    problems: _Newton
+    index: Tensor  # int64: positions in the caller's batch
+    tau: Tensor  # the barrier weight τ
+    lower: Tensor  # certified bounds on max H_Q(Y|T,S): the entropy of a feasible point (P, iterates),
+    upper: Tensor  # and the dual objective at a dual-feasible point
+    best_gap: Tensor  # the gap when progress was last made (a fall below _PROGRESS × the previous)
+    since_improved: Tensor  # int64: Newton steps since then
+    restarts: Tensor  # int64: restarts of the barrier path so far
+    done: Tensor  # bool: certified to ``tol``, or stalled for good
+
+    @classmethod
+    def start(cls, problems: _Newton) -> _Batch:
+        """Every distribution at its start Q₀, with τ = _TAU_START spread over its variables. The
+        lower bound starts at H_P(Y|T,S), as P itself lies in Δ_P: it is sometimes better than
+        any iterate's near a degenerate optimum, and it keeps Syn ≥ 0 (up to rounding)."""
+        n, like = problems.n, problems.p
+        unbounded = torch.full((n,), math.inf, dtype=like.dtype, device=like.device)
+        count = torch.zeros(n, dtype=torch.long, device=like.device)
+        return cls(
+            problems=problems,
+            index=torch.arange(n, device=like.device),
+            tau=torch.full((n,), _TAU_START, dtype=like.dtype, device=like.device) / problems.n_vars.clamp_min(1),
+            lower=_conditional_entropy(problems.p),  # P itself lies in Δ_P
+            upper=unbounded.clone(),
+            best_gap=unbounded.clone(),
+            since_improved=count,
+            restarts=count.clone(),
+            done=torch.zeros(n, dtype=torch.bool, device=like.device),
+        )
+
+    def worth_compacting(self) -> bool:
+        """Whether the finished distributions are 1/_COMPACT of the batch or more: they then leave,
+        so that a few slow ones cost what they are, not a full batch per step."""
+        return _COMPACT * int(self.done.sum()) >= len(self.index) > 0 and bool(self.done.any())
+
+    def without_finished(self) -> _Batch:
+        """The distributions not done, each with all of its state."""
+        keep = ~self.done
+        state = {f.name: getattr(self, f.name)[keep] for f in fields(self) if f.name != "problems"}
+        return _Batch(problems=self.problems.subset(keep), **state)
+
+    def record(self, lower: Tensor, upper: Tensor) -> None:
+        """Write this batch's bounds into the whole batch's (n,) ``lower`` and ``upper``."""
+        lower[self.index], upper[self.index] = self.lower, self.upper
+
+    def step(self, tol: float) -> bool:
+        """One Newton step for every distribution: certify both bounds at the current iterate,
+        track progress (done, stalled, restarted), then move Q and τ. True when all are done."""
+        problems = self.problems
+        # Keep the support strictly positive (rounding can zero an entry, which would pin every
+        # later step to length 0), then make Q exactly feasible: its entropy is a certified
+        # lower bound.
+        problems.q = problems.project(torch.where(problems.support, problems.q.clamp_min(_Q_FLOOR), 0.0))
+        feasible = problems.violation(problems.q) <= _FEASIBLE  # only then is the entropy a bound
+        entropy = _conditional_entropy(problems.q)
+        self.lower = torch.where(feasible, torch.maximum(self.lower, entropy), self.lower)
+        safe_q = torch.where(problems.support, problems.q, 1.0)
+        barrier = torch.where(problems.support, self.tau[:, None, None, None] / safe_q, 0.0)  # τ/Q
+        grad = problems.gradient(problems.q) + barrier
+        problems.factorize(problems.q, barrier)
+        direction, lam, mu = problems.solve(grad)
+        # The Newton decrement from the reduced gradient: gᵀΔ would cancel to rounding noise near
+        # the optimum, and the iterate would never count as centred for small τ.
+        decrement = ((grad - lam[..., None] - mu[:, :, None, :]) * direction).flatten(1).sum(1)
+        lam, slack = problems.dual_point(lam, mu)
+        self.upper = torch.minimum(self.upper, problems.dual_objective(lam, mu))
+        centred = decrement <= self.tau * problems.n_vars  # at this τ, before a restart changes it
+        # Where the certificate is not closing (this iterate's entropy could not count, as its
+        # projection missed the marginals, or the gap is about to stall), try two more bounds.
+        gap = self.upper - self.lower
+        stalling = ~(gap < _PROGRESS * self.best_gap) & (self.since_improved + 1 >= _STALL_STEPS)
+        stuck = (~feasible | stalling) & (gap > tol)
+        if bool(stuck.any()):
+            self._bound_on_face(stuck, slack)
+            self._bound_by_refit(stuck, mu)
+        self._track_progress(tol)
+        if bool(self.done.all()):
+            return True
+        alpha, accept = self._step_length(direction, decrement, entropy)
+        problems.q = torch.where(problems.support, problems.q + alpha[:, None, None, None] * direction, 0.0)
+        # Once the barrier problem is solved to its own accuracy (or no ascent is left at this τ),
+        # move along the central path. A step cut to nothing by the boundary means the iterate
+        # left the path's neighbourhood: back off to a larger τ to re-centre.
+        blocked = accept & (alpha < _BLOCKED_STEP) & ~self.done
+        tau = torch.where((centred | ~accept) & ~self.done, (self.tau * _TAU_DECREASE).clamp_min(_TAU_MIN), self.tau)
+        self.tau = torch.where(blocked, tau * _TAU_BACKOFF, tau)
+        return False
+
+    def _track_progress(self, tol: float) -> None:
+        """Done when certified to ``tol``, or when the gap has stopped shrinking: near the optimum
+        the Newton system loses digits (its entries span many decades) and the certificate
+        levels off, typically around 1e-9 nats. A stall well above the usual floor
+        (_RESTART_ABOVE) means the iterate lost the central path (its τ is too small for the
+        digits left): it restarts from there with τ matched to the gap, a few times."""
+        gap = self.upper - self.lower
+        improved = gap < _PROGRESS * self.best_gap
+        self.best_gap = torch.where(improved, gap, self.best_gap)
+        self.since_improved = torch.where(improved, 0, self.since_improved + 1)
+        stalled = self.since_improved >= _STALL_STEPS
+        restart = stalled & (gap > _RESTART_ABOVE) & (self.restarts < _RESTARTS)
+        self.tau = torch.where(restart, gap / self.problems.n_vars.clamp_min(1), self.tau)
+        self.restarts = self.restarts + restart.long()
+        self.since_improved = torch.where(restart, 0, self.since_improved)
+        self.done = (gap <= tol) | (stalled & ~restart)
+
+    def _bound_on_face(self, which: Tensor, slack: Tensor) -> None:
+        """Raise ``lower`` where ``which`` (m,) by the entropy of a feasible point on the face of
+        Δ_P where the optimum appears to lie; ``slack`` (m, T, S) from :meth:`_Newton.dual_point`.
+
+        At the optimum a (t, s) block either holds no mass or has no slack in its dual
+        constraint (complementary slackness). When whole blocks are empty at the optimum (as in
+        the ``not_two`` and ``erase`` gates, where Uni = 0), the iterate empties them only as fast
+        as τ falls, its entropy trails the optimum by a term linear in the mass they still hold,
+        and near the face the Newton system (whose constraint rows there become nearly
+        dependent) loses the digits that keep Q feasible: the lower bound stops improving a few
+        orders of magnitude above ``tol``. The face is read off the iterate and the dual: blocks
+        whose mass is below their slack are taken as empty. Emptying them and fitting the
+        marginals on the rest (:func:`_fit_marginals` keeps zeros) gives a point whose entropy is
+        within O(‖Q − Q*‖²) of the optimum when the face is right, as Q* is then a stationary point
+        of H on it. A wrong guess costs only the fit: the point counts only if it is feasible, and
+        then its entropy is a valid lower bound whatever the face."""
+        problems, q = self.problems, self.problems.q[which]
+        kept = problems.support[which] & (q.sum(1) >= slack[which])[:, None]  # (k, Y, T, S)
+        p_yt, p_ys = problems.p_yt[which], problems.p_ys[which]
+        point = _fit_marginals(torch.where(kept, q, 0.0), p_yt, p_ys)
+        feasible = _marginal_error(point, p_yt, p_ys) <= _FEASIBLE
+        lower = self.lower[which]
+        self.lower[which] = torch.where(feasible, torch.maximum(lower, _conditional_entropy(point)), lower)
+
+    def _bound_by_refit(self, which: Tensor, mu: Tensor) -> None:
+        """Lower ``upper`` where ``which`` (m,) by the dual objective at multipliers refit to the
+        iterate: λ_yt = Σ_s Q(y,t,s) (−log Q(y|t,s) − μ_ys) / Q(y,t), the λ that makes
+        λ + μ = −log Q(y|t,s) on average over s (exactly, at the optimum, on blocks with mass).
+
+        Newton's multipliers of constraint rows whose mass is negligible next to the rest
+        (entries spanning hundreds of decades) are all but undetermined, as those rows barely
+        enter the system, and one λ_yt far too small inflates the shift that makes its whole t
+        dual-feasible: the upper bound then stalls, even where Δ_P is a single point (a source
+        with one value) and Q is exact. The refit λ, made feasible the same way
+        (:meth:`_Newton.dual_point`), gives a valid bound too."""
+        problems = self.problems
+        q, support = problems.q, problems.support
+        held = support & (q > 0)
+        neg_log = -torch.log(torch.where(held, q, 1.0) / q.sum(1, keepdim=True).clamp_min(_TINY))  # −log Q(y|t,s)
+        weighted = torch.where(held, (neg_log - mu[:, :, None, :]) * q, 0.0)
+        lam = weighted.sum(3) / torch.where(held, q, 0.0).sum(3).clamp_min(_TINY)  # (m, Y, T); 0 on rows without mass
+        lam, _ = problems.dual_point(lam, mu)
+        bound = problems.dual_objective(lam, mu)
+        usable = which & torch.isfinite(bound)
+        self.upper = torch.where(usable, torch.minimum(self.upper, bound), self.upper)
+
+    def _step_length(self, direction: Tensor, decrement: Tensor, entropy: Tensor) -> tuple[Tensor, Tensor]:
+        """Step lengths α (m,) along ``direction`` and whether each found ascent: the largest step
+        keeping the support positive (a fraction _TO_BOUNDARY of the way to the boundary), then
+        halved until the barrier objective rises enough (Armijo). α = 0 where done or where no
+        ascent was found (a rounding-level direction)."""
+        problems, q = self.problems, self.problems.q
+        ratio = torch.where(direction < 0, -q / torch.where(direction < 0, direction, -1.0), math.inf)
+        alpha = torch.where(self.done, 0.0, (_TO_BOUNDARY * ratio.flatten(1).amin(1)).clamp(max=1.0))
+        current = problems.barrier_objective(q, self.tau, entropy)
+        for _ in range(_BACKTRACKS):
+            trial = q + alpha[:, None, None, None] * direction
+            required = current + _ARMIJO * alpha * decrement - _ARMIJO_ROUNDING * current.abs()
+            accept = problems.barrier_objective(trial, self.tau) >= required
+            if bool(accept.all()):
+                break
+            alpha = torch.where(accept, alpha, alpha / 2)
+        return torch.where(accept, alpha, 0.0), accept
 
 
 def broja_batch(p, *, tol: float = 1e-8, max_iter: int = 200) -> PID:
@@ -389,99 +616,65 @@ def broja_batch(p, *, tol: float = 1e-8, max_iter: int = 200) -> PID:
     Args:
         p: (n, |Y|, |T|, |S|) probabilities (any real dtype, CPU or GPU): target first, then the
             two sources; each distribution non-negative and summing to 1.
-        tol: stop when every distribution's duality gap is below ``tol`` nats.
+        tol: stop a distribution once its duality gap is at most ``tol`` nats (1e-8 nats is
+            1.44e-8 bits).
         max_iter: most Newton steps.
 
     Returns:
-        :class:`PID` of (n,) float64 tensors on ``p``'s device, in bits.
+        :class:`PID` of (n,) float64 tensors on ``p``'s device, in bits. Every atom is within
+        its distribution's ``gap`` of the exact value, whether or not ``tol`` was reached.
+
+    Warns:
+        RuntimeWarning: once per call when some distributions stop with a gap above ``tol``
+        (``max_iter`` reached, or the certificate stalled: entries spanning hundreds of
+        decades, or a ``tol`` near the float64 floor), with their number and largest gap.
     """
+    _check_options(tol, max_iter)
     return _solve(check_distribution(p, batched=True), tol, max_iter)
+
+
+def broja(p, *, tol: float = 1e-8, max_iter: int = 200) -> PID:
+    """BROJA PID of one distribution ``p`` of shape (|Y|, |T|, |S|) (target first); floats, bits.
+    ``tol``, ``max_iter`` and the warning as in :func:`broja_batch`."""
+    _check_options(tol, max_iter)
+    return _solve(check_distribution(p)[None], tol, max_iter).item(0)
+
+
+def _check_options(tol: float, max_iter: int) -> None:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+        raise ValueError(f"tol must be a positive number of nats; got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer; got {max_iter!r}")
 
 
 def _solve(p: Tensor, tol: float, max_iter: int) -> PID:
     """:func:`broja_batch` on an already checked float64 batch."""
     transposed = p.shape[3] > p.shape[2]
-    solver = _Newton(p.transpose(2, 3) if transposed else p)
-    n = solver.n
-    # Certified bounds on max H_Q(Y|T,S) for the whole batch; the loop works on the distributions
-    # at positions ``index`` (those not yet done, once enough are done to be worth dropping).
-    upper_all = torch.full((n,), math.inf, dtype=p.dtype, device=p.device)
-    lower_all = torch.full((n,), -math.inf, dtype=p.dtype, device=p.device)
-    index = torch.arange(n, device=p.device)
-    tau = torch.full((n,), 1.0, dtype=p.dtype, device=p.device) / solver.n_vars.clamp_min(1)
-    upper, lower = upper_all.clone(), lower_all.clone()
-    best_gap = torch.full((n,), math.inf, dtype=p.dtype, device=p.device)
-    since_improved = torch.zeros(n, dtype=torch.long, device=p.device)
-    restarts = torch.zeros(n, dtype=torch.long, device=p.device)
-    done = torch.zeros(n, dtype=torch.bool, device=p.device)
+    batch = _Batch.start(_Newton(p.transpose(2, 3) if transposed else p))
+    # Certified bounds on max H_Q(Y|T,S) for the whole batch, filled in as distributions leave it.
+    lower = torch.full((batch.problems.n,), -math.inf, dtype=p.dtype, device=p.device)
+    upper = torch.full_like(lower, math.inf)
     iterations = 0
     while iterations < max_iter:
-        # Finished distributions leave the batch once they are a quarter of it: a few slow ones
-        # then cost what they are, not a full batch per step.
-        if 4 * int(done.sum()) >= len(index) > 0 and bool(done.any()):
-            upper_all[index], lower_all[index] = upper, lower
-            keep = ~done
-            index, solver = index[keep], solver.subset(keep)
-            tau, upper, lower, best_gap, since_improved, restarts, done = (
-                v[keep] for v in (tau, upper, lower, best_gap, since_improved, restarts, done)
-            )
+        if batch.worth_compacting():
+            batch.record(lower, upper)
+            batch = batch.without_finished()
         iterations += 1
-        # Keep the support strictly positive (rounding can zero an entry, which would pin every
-        # later step to length 0), then make Q exactly feasible: its entropy is a certified
-        # lower bound.
-        solver.q = solver.project(torch.where(solver.support, solver.q.clamp_min(_Q_FLOOR), 0.0))
-        feasible = solver.violation(solver.q) <= _FEASIBLE  # only then is the entropy a bound
-        entropy = _conditional_entropy(solver.q)
-        lower = torch.where(feasible, torch.maximum(lower, entropy), lower)
-        safe_q = torch.where(solver.support, solver.q, 1.0)
-        barrier = torch.where(solver.support, tau[:, None, None, None] / safe_q, 0.0)  # τ/Q
-        grad = solver.gradient(solver.q) + barrier
-        solver.factorize(solver.q, barrier)
-        direction, lam, mu = solver.solve(grad)
-        # The Newton decrement from the reduced gradient: gᵀΔ would cancel to rounding noise near
-        # the optimum, and the iterate would never count as centred for small τ.
-        decrement = ((grad - lam[..., None] - mu[:, :, None, :]) * direction).flatten(1).sum(1)
-        upper = torch.minimum(upper, solver.dual_bound(lam, mu))
-        # Done when certified to ``tol``, or when the gap has stopped shrinking: near the optimum
-        # the Newton system loses digits (its entries span many decades) and the certificate
-        # levels off, typically around 1e-9 nats.
-        gap = upper - lower
-        improved = gap < 0.5 * best_gap
-        best_gap = torch.where(improved, gap, best_gap)
-        since_improved = torch.where(improved, 0, since_improved + 1)
-        centred = decrement <= tau * solver.n_vars
-        stalled = since_improved >= _STALL_STEPS
-        # A stall well above the usual floor means the iterate lost the central path (its τ is too
-        # small for the digits left): restart from it with τ matched to the gap, a few times.
-        restart = stalled & (gap > _RESTART_ABOVE) & (restarts < _RESTARTS)
-        tau = torch.where(restart, gap / solver.n_vars.clamp_min(1), tau)
-        restarts = restarts + restart.long()
-        since_improved = torch.where(restart, 0, since_improved)
-        done = (gap <= tol) | (stalled & ~restart)
-        if bool(done.all()):
+        if batch.step(tol):
             break
-        # Largest step keeping the support positive (fraction to the boundary), then backtracking.
-        ratio = torch.where(direction < 0, -solver.q / torch.where(direction < 0, direction, -1.0), math.inf)
-        alpha = torch.where(done, 0.0, (0.99 * ratio.flatten(1).amin(1)).clamp(max=1.0))
-        current = solver.barrier_objective(solver.q, tau, entropy)
-        for _ in range(_BACKTRACKS):
-            trial = solver.q + alpha[:, None, None, None] * direction
-            accept = solver.barrier_objective(trial, tau) >= current + 1e-4 * alpha * decrement - 1e-15 * current.abs()
-            if bool(accept.all()):
-                break
-            alpha = torch.where(accept, alpha, alpha / 2)
-        alpha = torch.where(accept, alpha, 0.0)  # no ascent found: a rounding-level direction
-        solver.q = torch.where(solver.support, solver.q + alpha[:, None, None, None] * direction, 0.0)
-        # Once the barrier problem is solved to its own accuracy (or no ascent is left at this τ),
-        # move along the central path. A step cut to nothing by the boundary means the iterate
-        # left the path's neighbourhood: back off to a larger τ to re-centre.
-        blocked = accept & (alpha < 1e-10) & ~done
-        tau = torch.where((centred | ~accept) & ~done, (tau * 0.1).clamp_min(_TAU_MIN), tau)
-        tau = torch.where(blocked, tau * 100.0, tau)
-    upper_all[index], lower_all[index] = upper, lower
-    primal, upper = lower_all, upper_all
+    batch.record(lower, upper)
+    gap = upper - lower  # nats
+    missed = gap > tol
+    if bool(missed.any()):
+        warnings.warn(
+            f"BROJA: {int(missed.sum())} of {len(missed)} distributions stopped above tol = {tol:.3g} nats, "
+            f"the largest gap {float(gap.max()) / LN2:.3g} bits (after {iterations} Newton steps); "
+            "every atom is still within its distribution's `gap`",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     h_y, mi_t, mi_s, mi_ts = mutual_informations(p)
-    mi_q = h_y - primal  # min over Δ_P of I_Q(Y;T,S)
+    mi_q = h_y - lower  # min over Δ_P of I_Q(Y;T,S)
     bits = lambda v: v / LN2  # noqa: E731
     return PID(
         red=bits(mi_t + mi_s - mi_q),
@@ -491,11 +684,6 @@ def _solve(p: Tensor, tol: float, max_iter: int) -> PID:
         mi_t=bits(mi_t),
         mi_s=bits(mi_s),
         mi_ts=bits(mi_ts),
-        gap=bits((upper - primal).clamp_min(0)),
+        gap=bits(gap.clamp_min(0)),
         iterations=iterations,
     )
-
-
-def broja(p, *, tol: float = 1e-8, max_iter: int = 200) -> PID:
-    """BROJA PID of one distribution ``p`` of shape (|Y|, |T|, |S|) (target first); floats, bits."""
-    return _solve(check_distribution(p)[None], tol, max_iter).item(0)
