@@ -20,7 +20,7 @@ from estimator_checks import (
     evaluate,
 )
 
-from rid_fast.kernels import score_kernels
+from rid_fast.kernels import launch
 from rid_fast.mi import functional
 
 pytestmark = [
@@ -102,13 +102,13 @@ def test_training_sweeps_once_in_the_backward(monkeypatch, label, dtype, dim, gr
     """Where the forward forms dq's weighted keys, the backward runs only the dk kernel."""
     monkeypatch.setenv("RID_FAST_FORWARD_KEYS", forward_keys)
     launched = []
-    launch = score_kernels._launch
+    run = launch.run
 
-    def recording_launch(kernel, *args, **kwargs):
-        launched.append(kernel)
-        launch(kernel, *args, **kwargs)
+    def recording_run(name, *args, **kwargs):
+        launched.append(name)
+        run(name, *args, **kwargs)
 
-    monkeypatch.setattr(score_kernels, "_launch", recording_launch)
+    monkeypatch.setattr(launch, "run", recording_run)
     name, temperature, options = KERNEL_ESTIMATORS[label]
     x, y = (t.to(dtype).requires_grad_(grad) for t in correlated_pair(21, 30, dim))
     value = functional.mi_bound(x, y, name, temperature=temperature, impl="triton", **options)
