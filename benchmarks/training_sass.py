@@ -20,13 +20,20 @@ import torch
 import triton
 
 from rid_fast.kernels import aot, tuning
+from rid_fast.kernels.tiles import MODES, REDUCTIONS
 
-# Estimator → (forward constexprs, backward MODE and CLIP).
+
+def _constexprs(reduction: str, *, mask_diagonal: bool, clip: bool, mode: str) -> tuple[dict, dict]:
+    """An estimator's (forward constexprs, backward MODE and CLIP), from the kernels' constant table."""
+    forward = {"REDUCTION": REDUCTIONS[reduction], "MASK_DIAGONAL": mask_diagonal, "CLIP": clip}
+    return forward, {"MODE": MODES[mode], "CLIP": clip}
+
+
 ESTIMATORS = {
-    "InfoNCE": ({"REDUCTION": 0, "MASK_DIAGONAL": False, "CLIP": False}, {"MODE": 0, "CLIP": False}),
-    "NWJ / DV": ({"REDUCTION": 0, "MASK_DIAGONAL": True, "CLIP": False}, {"MODE": 2, "CLIP": False}),
-    "SMILE": ({"REDUCTION": 0, "MASK_DIAGONAL": True, "CLIP": True}, {"MODE": 2, "CLIP": True}),
-    "JS": ({"REDUCTION": 1, "MASK_DIAGONAL": True, "CLIP": False}, {"MODE": 3, "CLIP": False}),
+    "InfoNCE": _constexprs("lse", mask_diagonal=False, clip=False, mode="ce_rows"),
+    "NWJ / DV": _constexprs("lse", mask_diagonal=True, clip=False, mode="lse_negatives"),
+    "SMILE": _constexprs("lse", mask_diagonal=True, clip=True, mode="lse_negatives"),
+    "JS": _constexprs("softplus", mask_diagonal=True, clip=False, mode="softplus_negatives"),
 }
 
 

@@ -2,8 +2,24 @@
 
 This module is the ``"triton"`` backend of :mod:`rid_fast.ops.library`: the same forward/backward
 functions as :mod:`rid_fast.ops.streaming`, with the same shapes and meaning, computed by the kernels
-of :mod:`rid_fast.kernels.score_kernels`. CUDA tensors, or CPU tensors under the Triton
-interpreter (``TRITON_INTERPRET=1`` set before Python starts).
+of this package. CUDA tensors, or CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``
+set before Python starts).
+
+The package, by role:
+
+* :mod:`~rid_fast.kernels.tiles` — the constant table, tile loads and score tiles, and the one
+  loop driver that sweeps a program's tiles (unmasked interior tiles, then the masked band and edge);
+* :mod:`~rid_fast.kernels.forward` — the forward kernel (row log-sum-exp or softplus sums, and the
+  weighted keys) and its launcher, :func:`row_stats`;
+* :mod:`~rid_fast.kernels.backward` — the dq and dk kernels and their launcher, :func:`weighted_grads`;
+* :mod:`~rid_fast.kernels.launch` — every launch: autotuned, or in the default config;
+* :mod:`~rid_fast.kernels.tuning` — the autotuner's candidates, the defaults, the per-shape constants;
+* :mod:`~rid_fast.kernels.aot` — ahead-of-time compilation for NVIDIA GPUs, on any machine.
+
+Where these kernels have run: compiled ahead of time for sm_90 and sm_80 (every autotuner candidate:
+registers, spills, shared memory, SASS per loop; ``benchmarks/results/aot_report.md``) and run under
+the Triton interpreter on CPUs against the reference; never on a GPU — no GPU number has been
+measured yet.
 """
 
 from __future__ import annotations
@@ -22,8 +38,9 @@ if AVAILABLE:
 
     from rid_fast.ops.common import diagonal_scores
 
-    from .score_kernels import keys_fit as keys_fit  # where the weighted keys fit (rid_fast.ops.dispatch)
-    from .score_kernels import row_stats, weighted_grads
+    from .backward import weighted_grads
+    from .forward import keys_fit as keys_fit  # where the weighted keys fit (rid_fast.ops.dispatch)
+    from .forward import row_stats
 
     # Same functions, argument order and meaning as rid_fast.ops.streaming (see rid_fast.ops.library).
 

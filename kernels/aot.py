@@ -25,7 +25,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import score_kernels, tuning
+from . import tuning
+from .backward import _grad_k_kernel, _grad_q_kernel
+from .forward import _row_stats_fwd, keys_fit
+from .tiles import MODES, REDUCTIONS
 
 __all__ = ["CompileReport", "compile_kernel", "sweep", "SHARED_MEMORY_LIMIT"]
 
@@ -40,10 +43,10 @@ _SIZES = {"n_rows": "i32", "n_cols": "i32", "dim": "i32", "clip": "fp32"}
 _STATS = {"row_stat_ptr": "*fp32", "row_grad_ptr": "*fp32", "col_stat_ptr": "*fp32", "col_grad_ptr": "*fp32"}
 _FORWARD = {**_INPUTS, "out_ptr": "*fp32", "keys_ptr": "*fp32", **_SIZES}
 _SIGNATURES = {
-    "row_stats_fwd": (score_kernels._row_stats_fwd, _FORWARD),
-    "row_stats_keys_fwd": (score_kernels._row_stats_fwd, _FORWARD),
-    "grad_q": (score_kernels._grad_q_kernel, {**_INPUTS, "dq_ptr": "*fp32", **_STATS, **_SIZES}),
-    "grad_k": (score_kernels._grad_k_kernel, {**_INPUTS, "dk_ptr": "*in", **_STATS, **_SIZES}),
+    "row_stats_fwd": (_row_stats_fwd, _FORWARD),
+    "row_stats_keys_fwd": (_row_stats_fwd, _FORWARD),
+    "grad_q": (_grad_q_kernel, {**_INPUTS, "dq_ptr": "*fp32", **_STATS, **_SIZES}),
+    "grad_k": (_grad_k_kernel, {**_INPUTS, "dk_ptr": "*in", **_STATS, **_SIZES}),
 }
 
 
@@ -125,13 +128,11 @@ def compile_kernel(
     fn, runtime_args = _SIGNATURES[kernel]
     signature = {name: kind.replace("*in", "*" + _TRITON_DTYPES[dtype]) for name, kind in runtime_args.items()}
     torch_dtype = getattr(torch, dtype)
-    chunk = tuning.block_k(dim, torch_dtype)
     all_constexprs = {
         **constexprs,
         **config.kwargs,
-        "BLOCK_K": chunk,
-        "SINGLE_K": dim <= chunk,
-        "INPUT_PRECISION": precision if dtype == "float32" else "tf32",
+        **tuning.shape_constants(dim, torch_dtype),
+        "INPUT_PRECISION": precision if dtype == "float32" else "tf32",  # the sweep's, not torch's setting
     }
     if kernel in ("grad_q", "grad_k"):
         all_constexprs["BLOCK_DV"] = tuning.block_dv(dim, torch_dtype)
@@ -167,22 +168,20 @@ def compile_kernel(
 # The constexpr variants compiled per kernel: the heaviest of each family (most live values), and
 # InfoNCE's forward, the headline case.
 _FORWARD_VARIANTS = {
-    "lse": {"REDUCTION": 0, "MASK_DIAGONAL": False, "CLIP": False},  # InfoNCE: the headline case
-    "lse_masked_clipped": {"REDUCTION": 0, "MASK_DIAGONAL": True, "CLIP": True},
-    "softplus_masked": {"REDUCTION": 1, "MASK_DIAGONAL": True, "CLIP": False},
+    "lse": {"REDUCTION": REDUCTIONS["lse"], "MASK_DIAGONAL": False, "CLIP": False},  # InfoNCE: the headline case
+    "lse_masked_clipped": {"REDUCTION": REDUCTIONS["lse"], "MASK_DIAGONAL": True, "CLIP": True},
+    "softplus_masked": {"REDUCTION": REDUCTIONS["softplus"], "MASK_DIAGONAL": True, "CLIP": False},
+}
+_BACKWARD_VARIANTS = {
+    "ce_rows_cols": {"MODE": MODES["ce_rows_cols"], "CLIP": False, "COLUMN_STATS": True},
+    "lse_negatives_clipped": {"MODE": MODES["lse_negatives"], "CLIP": True, "COLUMN_STATS": False},
 }
 _VARIANTS = {
     "row_stats_fwd": {name: {**c, "WEIGHTED_KEYS": False} for name, c in _FORWARD_VARIANTS.items()},
     # Training's forward, which also sums the weighted keys: every variant is used.
     "row_stats_keys_fwd": {name: {**c, "WEIGHTED_KEYS": True} for name, c in _FORWARD_VARIANTS.items()},
-    "grad_q": {
-        "ce_rows_cols": {"MODE": 1, "CLIP": False, "COLUMN_STATS": True},
-        "lse_negatives_clipped": {"MODE": 2, "CLIP": True, "COLUMN_STATS": False},
-    },
-    "grad_k": {
-        "ce_rows_cols": {"MODE": 1, "CLIP": False, "COLUMN_STATS": True},
-        "lse_negatives_clipped": {"MODE": 2, "CLIP": True, "COLUMN_STATS": False},
-    },
+    "grad_q": _BACKWARD_VARIANTS,
+    "grad_k": _BACKWARD_VARIANTS,
 }
 
 
@@ -196,7 +195,7 @@ def sweep(arch: int, dims=(128, 512)) -> list[dict]:
         for variant, constexprs in variants.items():
             for dtype, precision in precisions:
                 for dim in dims:
-                    if kernel == "row_stats_keys_fwd" and not score_kernels.keys_fit(getattr(torch, dtype), dim):
+                    if kernel == "row_stats_keys_fwd" and not keys_fit(getattr(torch, dtype), dim):
                         continue
                     for config in tuning.candidate_configs(kernel, getattr(torch, dtype)):
                         jobs.append(dict(kernel=kernel, arch=arch, dtype=dtype, dim=dim, config=config,

@@ -27,6 +27,7 @@ __all__ = [
     "block_k",
     "block_dv",
     "input_precision",
+    "shape_constants",
     "candidate_configs",
     "default_config",
     "all_candidates",
@@ -69,6 +70,13 @@ def input_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "tf32"  # unused for 16-bit operands
     return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}[torch.get_float32_matmul_precision()]
+
+
+def shape_constants(dim: int, dtype: torch.dtype) -> dict:
+    """The constexprs that follow from D and the dtype: ``BLOCK_K``, ``SINGLE_K`` (one chunk holds
+    the whole feature row, D ≤ BLOCK_K) and ``INPUT_PRECISION``."""
+    chunk = block_k(dim, dtype)
+    return {"BLOCK_K": chunk, "SINGLE_K": dim <= chunk, "INPUT_PRECISION": input_precision(dtype)}
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:

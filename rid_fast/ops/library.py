@@ -32,7 +32,7 @@ softplus_negatives     :math:`\sum_{j\ne i}\mathrm{softplus}(S_{ij})`          J
 
 ``<op>_with_weighted_keys`` (for the three row ops; ``"triton"`` backend, 16-bit inputs, D ≤ 128)
 returns the op's statistic and, as a second, non-differentiable output, the keys weighted by each
-row's share of the gradient, :math:`u_i` (B, D) fp32 (see :mod:`rid_fast.kernels.score_kernels`),
+row's share of the gradient, :math:`u_i` (B, D) fp32 (see :mod:`rid_fast.kernels.forward`),
 formed in the forward's sweep; its backward takes dq from them and sweeps only for dk.
 """
 
