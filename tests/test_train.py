@@ -4,6 +4,7 @@ import ast
 import csv
 import dataclasses
 import math
+import re
 import shutil
 import struct
 import typing
@@ -487,7 +488,9 @@ def test_compare_end_to_end(tmp_path, monkeypatch):
     pid_rows = read_pid_csv(tmp_path / "cmp" / "pid.csv")
     assert len(pid_rows) == len(rows) * 2  # every run, both layer pairs
     assert all(r["red"] >= -1e-6 and r["uni_t"] >= -1e-6 and r["gap"] <= 1e-6 for r in pid_rows)
-    assert "What was distilled" in (tmp_path / "cmp" / "report.md").read_text()
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "What was distilled" in report
+    assert re.search(r"Conditions: rid_fast \S+ .*torch .*worker.* min wall time", report), report
     assert len(list((tmp_path / "cmp" / "teachers").glob("*.pt"))) == 2  # one trained teacher per seed
 
 

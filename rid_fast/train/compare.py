@@ -19,6 +19,8 @@ import functools
 import math
 import multiprocessing
 import os
+import subprocess
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -61,6 +63,7 @@ def run_compare(
     each with ``cores // workers`` threads. Teachers are trained first, once per seed, and cached
     in ``out_dir/teachers`` where every run reads them.
     """
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     seeds = config.compare.seeds if seeds is None else seeds
     check(config)
@@ -114,8 +117,29 @@ def run_compare(
     ]  # fmt: skip
     if pid_rows:
         write_csv_atomic(pid_rows, out_dir / "pid.csv")
-    write_report(ordered, out_dir, pid_rows)
+    conditions = _conditions(device, workers, threads, time.perf_counter() - started)
+    write_report(ordered, out_dir, pid_rows, conditions=conditions)
     return ordered
+
+
+def _conditions(device: torch.device, workers: int, threads: int, seconds: float) -> str:
+    """One line saying what produced a report: the code (its commit, when run from a git
+    checkout), the machine, the parallelism and the wall time (teachers included)."""
+    import platform
+
+    import rid_fast
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(rid_fast.__file__).parent, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    code = f"rid_fast {rid_fast.__version__}" + (f" (commit {commit})" if commit else "")
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    )
+    return (f"{code}, torch {torch.__version__}, {machine}; {workers} worker(s) × {threads} thread(s); "
+            f"{seconds / 60:.1f} min wall time, teachers included.")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -225,8 +249,11 @@ def paired_differences(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_report(rows: list[dict], out_dir: Path, pid_rows: list[dict] | None = None) -> None:
-    """``report.md`` (the paired-difference table, and the PID table when measured) and the plots."""
+def write_report(
+    rows: list[dict], out_dir: Path, pid_rows: list[dict] | None = None, *, conditions: str | None = None
+) -> None:
+    """``report.md`` (the paired-difference table, the PID table when measured, and ``conditions``:
+    what produced it) and the plots."""
     table = paired_differences(rows)
     fmt = lambda v: "—" if isinstance(v, float) and math.isnan(v) else f"{v:+.2f}"  # noqa: E731
     lines = [
@@ -269,6 +296,8 @@ def write_report(rows: list[dict], out_dir: Path, pid_rows: list[dict] | None = 
             + " |"
             for r in pid_means
         ]
+    if conditions:
+        lines += ["", f"Conditions: {conditions}"]
     write_text_atomic("\n".join(lines) + "\n", out_dir / "report.md")
     from rid_fast.train.plots import plot_compare, plot_pid
 
