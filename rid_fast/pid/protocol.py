@@ -131,6 +131,7 @@ def measure(
     n_clusters: int = 10,
     num_classes: int | None = None,
     seed: int = 0,
+    tol: float = 1e-6,
 ) -> PID:
     """PID of the label with one teacher layer and one student layer, the paper's protocol:
     discretise each representation (:func:`discretize`), form the empirical joint
@@ -140,6 +141,10 @@ def measure(
         teacher_reps, student_reps: (n, ...) representations of the same n held-out inputs.
         labels: (n,) int64 class labels.
         num_classes: size of the label axis (default: max label + 1).
+        tol: the solver's tolerance in nats (:func:`~rid_fast.pid.broja.broja`). The default,
+            1e-6 nats (1.4e-6 bits), lies far below the sampling error of plug-in estimates from
+            a test set (hundredths of a bit at a few hundred samples), so tightening it changes
+            nothing a measurement can show; every atom is still within the result's ``gap``.
 
     Returns:
         :class:`PID` in bits; ``red`` is what the student shares with the teacher about the label,
@@ -155,4 +160,4 @@ def measure(
     s = discretize(student_reps, n_components, n_clusters, seed=seed)
     labels = labels.to(t.device, torch.int64)
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    return broja(joint_distribution(labels, t, s, num_classes, n_clusters, n_clusters))
+    return broja(joint_distribution(labels, t, s, num_classes, n_clusters, n_clusters), tol=tol)

@@ -150,8 +150,10 @@ def load_newest(paths: list[str | Path], *, kind: str = RUN_STATE, age=lambda co
 def rng_state() -> dict:
     """Python's, NumPy's and torch's generator states, as tensors and plain values."""
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, words, gauss_next = random.getstate()
     state = {
-        "python": random.getstate(),
+        # Python's 625 state words as one tensor, not 625 objects to pickle and digest each time.
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next},
         "numpy": {
             "kind": kind,
             "keys": torch.from_numpy(keys.astype(np.int64)),
@@ -167,7 +169,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["words"].tolist()), python["gauss_next"]))
     numpy = state["numpy"]
     keys = numpy["keys"].numpy().astype(np.uint32)
     np.random.set_state((numpy["kind"], keys, numpy["position"], numpy["has_gauss"], numpy["cached_gaussian"]))

@@ -22,6 +22,7 @@ stopped; a checkpoint trained with other settings is refused.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import time
@@ -163,7 +164,10 @@ class Trainer:
             "config": to_dict(self.config),
             "distiller": self.distiller.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-            "history": self.history,
+            # One JSON string rather than a list of per-epoch dicts: the history grows with every
+            # epoch, and pickling and digesting its thousands of numbers one object at a time
+            # took most of a checkpoint's time. JSON writes floats exactly (shortest repr).
+            "history": json.dumps(self.history),
             "best_val": self.best_val,
             "student_progress": self.student_progress,
             "rng": checkpoint.rng_state(),
@@ -173,7 +177,7 @@ class Trainer:
         self.distiller.load_state_dict(state["distiller"])
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][key])
-        self.history = list(state["history"])
+        self.history = json.loads(state["history"])
         self.best_val = state["best_val"]
         self.student_progress = state["student_progress"]
         self.start_epoch = state["epoch"] + 1
