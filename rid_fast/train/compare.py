@@ -23,6 +23,7 @@ import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -93,18 +94,22 @@ def run_compare(
         raise ValueError(f"workers must be at least 1; got {workers}")
     workers = min(workers, len(jobs))
     threads = max(1, cores // workers)
-    # Trained and noisy runs share the seed's trained teacher; untrained ones need no training.
+    # Trained and noisy runs share the seed's trained teacher, trained once; runs that need none
+    # (no-KD, untrained teachers) train beside the teachers, so that no worker waits for them.
     needs_training = any(kind != "untrained" for kind in kinds)
-    teacher_tasks = [(config, out_dir, seed) for seed in range(seeds)] if needs_training else []
-    run_tasks = [(config, out_dir, seed, method, kind) for seed, method, kind in jobs]
+    teacher_tasks = [(_prepare_teacher, (config, out_dir, seed)) for seed in range(seeds)] if needs_training else []
+    run_tasks = [(_run_one, (config, out_dir, seed, method, kind)) for seed, method, kind in jobs]
+    independent = [task for task in run_tasks if task[1][4] in ("none", "untrained")]
+    phases = [teacher_tasks + independent, [task for task in run_tasks if task not in independent]]
     rows: dict[tuple, dict] = {}
-    with _pool(workers, threads) as pool:
-        for _ in tqdm(pool(_prepare_teacher, teacher_tasks), total=len(teacher_tasks), desc="teachers",
-                      disable=not progress):  # fmt: skip
-            pass
-        for row in tqdm(pool(_run_one, run_tasks), total=len(run_tasks), desc="compare", disable=not progress):
-            rows[(row["seed"], row["method"], row["teacher"])] = row
-            _write_summary([rows[job] for job in jobs if job in rows], out_dir / "summary.csv")
+    bar = tqdm(total=len(teacher_tasks) + len(run_tasks), desc="compare (teachers, runs)", disable=not progress)
+    with _pool(workers, threads) as pool, bar:
+        for tasks in phases:
+            for row in pool(_call, [(task,) for task in tasks]):
+                bar.update()
+                if row is not None:  # a run's row (a teacher returns None)
+                    rows[(row["seed"], row["method"], row["teacher"])] = row
+                    _write_summary([rows[job] for job in jobs if job in rows], out_dir / "summary.csv")
     ordered = [rows[job] for job in jobs]
     pid_rows = [
         row
@@ -192,6 +197,12 @@ def _teacher(config: ExperimentConfig, out_dir: Path):
     )
     teacher = make_teacher(config, dataset, data_split, resolve_device(config.run.device), out_dir / "teachers")
     return dataset, data_split, teacher
+
+
+def _call(task: tuple) -> Any:
+    """``fn(*args)`` of a ``(fn, args)`` task: one pool runs teachers and runs side by side."""
+    fn, args = task
+    return fn(*args)
 
 
 def _prepare_teacher(config: ExperimentConfig, out_dir: Path, seed: int) -> None:
