@@ -133,6 +133,13 @@ def test_wrong_input_shape_is_named():
         distiller(torch.randn(8, 63), torch.randint(0, 10, (8,)))
     with pytest.raises(ValueError, match=r"y: expected shape \(8,\)"):
         distiller(torch.randn(8, 64), torch.randint(0, 10, (7,)))
+    # A CNN that reshapes its input to one image accepts (3, 8, 8) for (1, 8, 8) by tripling the
+    # batch: the features' batch gives it away.
+    cnn_student, cnn_teacher = CNN((1, 8, 8), [8, 16], 10), CNN((1, 8, 8), [16, 32], 10)
+    with pytest.raises(
+        ValueError, match=r"the student turns a batch of 2 inputs of that shape into features of batch 6"
+    ):
+        Distiller(cnn_student, cnn_teacher, method="vid", num_classes=10, input_shape=(3, 8, 8), **LAYERS)
 
 
 def test_phases_and_positions_are_checked():

@@ -242,6 +242,14 @@ class Distiller(nn.Module):
                 raise ValueError(
                     f"input_shape={input_shape}: the {role} cannot run a batch of that shape ({error})"
                 ) from error
+            # A model that reshapes its input (a flat one to an image) may accept a wrong shape
+            # and fold it into the batch: its features then no longer pair with the labels.
+            batches = sorted({f.shape[0] for f in feats[role]})
+            if batches != [len(probe)]:
+                raise ValueError(
+                    f"input_shape={input_shape}: the {role} turns a batch of {len(probe)} inputs of that shape into "
+                    f"features of batch {', '.join(map(str, batches))}; input_shape must be the shape of one input"
+                )
         return [tuple(f.shape[1:]) for f in feats["teacher"]], [tuple(f.shape[1:]) for f in feats["student"]]
 
     def train(self, mode: bool = True) -> Distiller:
