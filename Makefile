@@ -27,7 +27,8 @@ $(VENV)/.installed: pyproject.toml setup.py
 setup: $(VENV)/.installed
 
 # The nuisance-teacher experiment on scikit-learn's digits: 6 methods × 3 teachers × 5 seeds,
-# about 6 minutes on 2 CPU cores; report, summary.csv and plots in runs/digits_nuisance/.
+# 15–18 minutes on 2 CPU cores with the set-up (README); report, summary.csv and plots in
+# runs/digits_nuisance/.
 demo: setup
 	$(VENV)/bin/rid-fast env
 	$(VENV)/bin/rid-fast compare --config configs/digits_nuisance.yaml --out runs/digits_nuisance
