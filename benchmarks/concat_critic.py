@@ -63,6 +63,7 @@ def _median_seconds(step, x, y, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global BATCH, DIM, HIDDEN
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--dim", type=int, default=DIM)
@@ -71,7 +72,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     os.environ.update(CC_BATCH=str(args.batch), CC_DIM=str(args.dim), CC_HIDDEN=str(args.hidden))
-    global BATCH, DIM, HIDDEN
     BATCH, DIM, HIDDEN = args.batch, args.dim, args.hidden
 
     case = bench.Case("dv", n_queries=args.batch, dim=args.dim, device="cpu")

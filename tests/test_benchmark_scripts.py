@@ -109,3 +109,13 @@ def test_pid_benchmark_without_cvxpy(tmp_path):
     assert [tuple(r["shape"]) for r in rows] == pid_benchmark.SHAPES
     assert all(r["max_gap_bits"] <= 1e-6 and "speedup" not in r for r in rows)
     assert "cvxpy" not in (tmp_path / "pid_cpu.md").read_text()
+
+
+def test_concat_critic_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/concat_critic.py at a tiny size: both steps run (timed, and measured in a fresh
+    process) and the record is written."""
+    import concat_critic
+
+    concat_critic.main(["--batch", "32", "--dim", "4", "--hidden", "8", "--repeats", "1", "--out", str(tmp_path)])
+    record = (tmp_path / "concat_critic.md").read_text()
+    assert "| blockwise (ConcatCritic) |" in record and "| built at once |" in record
