@@ -297,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as error:  # bad config or input: a message, not a traceback
             print(f"rid-fast {args.command}: error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C: what was checkpointed is kept
+            resume = " (resume it with --resume)" if args.command == "train" else ""
+            print(f"rid-fast {args.command}: interrupted{resume}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from rid_fast import bench
 from rid_fast.cli import main
 from rid_fast.train import teachers
 from rid_fast.train.config import load_config
+from rid_fast.train.loop import Trainer
 
 TINY_YAML = """
 data: {per_class: 6}
@@ -136,6 +137,7 @@ CLI_BAD_VALUES = [
     ("distill.rid.n_rounds=0", "distill.rid.n_rounds must be at least 1; got 0"),
     ("distill.n_rounds=0", "'distill.n_rounds' is not a key here; set it in the section it belongs to: distill.rid"),
     ("distill.student_layers=[blocks.0, nope]", "student_layers: no module named ['nope'] in the student"),
+    ("distill.teacher_layers=[blocks.0,", "override 'distill.teacher_layers=[blocks.0,': the value is not valid YAML"),
 ]
 
 
@@ -153,6 +155,25 @@ def test_cuda_without_cuda_stops_before_a_teacher_trains(tmp_path, tiny_yaml, ca
     monkeypatch.setattr(teachers, "fit_classifier", _no_teacher_training)
     assert main(["train", "--config", str(tiny_yaml), "run.device=cuda", f"run.out_dir={tmp_path}"]) == 2
     assert "run.device is 'cuda' but no CUDA device is available" in capsys.readouterr().err
+
+
+def test_a_config_file_that_is_not_yaml_is_named(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: {lr: 0.1\n")
+    assert main(["train", "--config", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"config file {str(broken)!r} is not valid YAML" in err and len(err.splitlines()) == 1
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, tiny_yaml, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    assert (
+        main(["train", "--config", str(tiny_yaml), f"run.out_dir={tmp_path / 'run'}", "distill.method=vid"]) == 130
+    )
+    assert capsys.readouterr().err == "rid-fast train: interrupted (resume it with --resume)\n"
 
 
 BENCH_ERRORS = [

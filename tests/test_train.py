@@ -5,8 +5,10 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
+import stat
 import struct
 import typing
 import warnings
@@ -215,6 +217,10 @@ def test_atomic_writers_keep_the_previous_file(tmp_path):
     assert (tmp_path / "b.csv").read_text().splitlines() == ["x,y", "1,", ",2"]
     assert checkpoint.load(tmp_path / "previous.pt") == {"epoch": 0}
     assert checkpoint.load(tmp_path / "latest.pt") == {"epoch": 1}
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("a.txt", "b.csv", "latest.pt", "previous.pt"):  # the mode any new file gets, not mkstemp's 0600
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name
 
 
 def _data_record(path: Path) -> tuple[int, int]:

@@ -32,6 +32,8 @@ def replace_atomically(
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
+            # mkstemp creates the file readable by its owner only; give it the mode any new file gets.
+            os.fchmod(file.fileno(), 0o666 & ~_umask())
             os.fsync(file.fileno())
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
@@ -39,6 +41,13 @@ def replace_atomically(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes_atomic(data: bytes, path: str | Path) -> None:

@@ -486,7 +486,17 @@ def _apply_override(data: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {override!r}: {part!r} is not a section")
-    node[last] = yaml.safe_load(raw)
+    try:
+        node[last] = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ValueError(f"override {override!r}: the value is not valid YAML ({_yaml_problem(error)})") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
@@ -497,7 +507,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML ({_yaml_problem(error)})") from None
         if not isinstance(data, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of sections; got {type(data).__name__}")
     for override in overrides:
