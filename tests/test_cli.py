@@ -170,9 +170,7 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, tiny_yaml, capsys,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "train", interrupted)
-    assert (
-        main(["train", "--config", str(tiny_yaml), f"run.out_dir={tmp_path / 'run'}", "distill.method=vid"]) == 130
-    )
+    assert main(["train", "--config", str(tiny_yaml), f"run.out_dir={tmp_path / 'run'}", "distill.method=vid"]) == 130
     assert capsys.readouterr().err == "rid-fast train: interrupted (resume it with --resume)\n"
 
 
