@@ -19,6 +19,17 @@ from typing import IO
 __all__ = ["replace_atomically", "write_bytes_atomic", "write_text_atomic", "write_csv_atomic"]
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: The mode ``open`` gives a new file; read once, at import, while no other thread runs.
+_NEW_FILE_MODE = 0o666 & ~_umask()
+
+
 def replace_atomically(
     path: str | Path, write: Callable[[IO[bytes]], None], *, keep_previous: str | Path | None = None
 ) -> None:
@@ -33,7 +44,7 @@ def replace_atomically(
             write(file)
             file.flush()
             # mkstemp creates the file readable by its owner only; give it the mode any new file gets.
-            os.fchmod(file.fileno(), 0o666 & ~_umask())
+            os.fchmod(file.fileno(), _NEW_FILE_MODE)
             os.fsync(file.fileno())
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
@@ -41,13 +52,6 @@ def replace_atomically(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    """The process's umask (read by setting it, so set it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_bytes_atomic(data: bytes, path: str | Path) -> None:

@@ -19,6 +19,7 @@ import functools
 import math
 import multiprocessing
 import os
+import platform
 import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,10 +29,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+import rid_fast
 from rid_fast.train.atomic import write_csv_atomic, write_text_atomic
 from rid_fast.train.config import BASELINE, ExperimentConfig, check
 from rid_fast.train.data import Dataset, load_dataset, split
-from rid_fast.train.distillers import check_models
+from rid_fast.train.distillers import check_models, steps_per_epoch
 from rid_fast.train.loop import Trainer
 from rid_fast.train.measure import format_spread, layer_label, layer_rows, pid_table, run_identity
 from rid_fast.train.supervised import resolve_device
@@ -75,12 +77,11 @@ def run_compare(
     dataset = load_dataset(config.data.name, config.data.data_dir)  # fail early on a missing dataset
     # Every method's models, options and schedule, before any teacher trains (a split's size
     # does not depend on its seed).
-    student_split = split(
+    data_split = split(
         dataset.y_train, per_class=config.data.per_class, val_fraction=config.data.val_fraction, seed=config.run.seed
-    ).student
-    steps_per_epoch = math.ceil(len(student_split) / config.optim.batch_size)
+    )
     for method in methods:
-        check_models(_with(config, distill={"method": method}), dataset, steps_per_epoch)
+        check_models(_with(config, distill={"method": method}), dataset, steps_per_epoch(config, data_split))
     jobs = [
         (seed, method, kind)
         for seed in range(seeds)
@@ -98,11 +99,12 @@ def run_compare(
     # (no-KD, untrained teachers) train beside the teachers, so that no worker waits for them.
     needs_training = any(kind != "untrained" for kind in kinds)
     teacher_tasks = [(_prepare_teacher, (config, out_dir, seed)) for seed in range(seeds)] if needs_training else []
-    run_tasks = [(_run_one, (config, out_dir, seed, method, kind)) for seed, method, kind in jobs]
-    independent = [task for task in run_tasks if task[1][4] in ("none", "untrained")]
-    phases = [teacher_tasks + independent, [task for task in run_tasks if task not in independent]]
+    runs = {False: [], True: []}  # by whether the run needs its seed's trained teacher
+    for seed, method, kind in jobs:
+        runs[kind not in ("none", "untrained")].append((_run_one, (config, out_dir, seed, method, kind)))
+    phases = [teacher_tasks + runs[False], runs[True]]
     rows: dict[tuple, dict] = {}
-    bar = tqdm(total=len(teacher_tasks) + len(run_tasks), desc="compare (teachers, runs)", disable=not progress)
+    bar = tqdm(total=len(teacher_tasks) + len(jobs), desc="compare (teachers, runs)", disable=not progress)
     with _pool(workers, threads) as pool, bar:
         for tasks in phases:
             for row in pool(_call, [(task,) for task in tasks]):
@@ -130,10 +132,6 @@ def run_compare(
 def _conditions(device: torch.device, workers: int, threads: int, seconds: float) -> str:
     """One line saying what produced a report: the code (its commit, when run from a git
     checkout), the machine, the parallelism and the wall time (teachers included)."""
-    import platform
-
-    import rid_fast
-
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                                 cwd=Path(rid_fast.__file__).parent, check=True).stdout.strip()  # fmt: skip

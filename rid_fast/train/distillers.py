@@ -10,15 +10,17 @@ teacher trains. :func:`schedule_length` is the run's length in the method's sche
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from rid_fast.distill.distiller import Distiller
 from rid_fast.train.config import ExperimentConfig
-from rid_fast.train.data import Dataset
+from rid_fast.train.data import Dataset, Split
 from rid_fast.train.models import build_model
 
-__all__ = ["build_distiller", "check_models", "schedule_length"]
+__all__ = ["build_distiller", "check_models", "schedule_length", "steps_per_epoch"]
 
 
 def build_distiller(config: ExperimentConfig, dataset: Dataset, teacher: nn.Module, device: torch.device) -> Distiller:
@@ -41,6 +43,11 @@ def build_distiller(config: ExperimentConfig, dataset: Dataset, teacher: nn.Modu
         noise_seed=run.seed,
         **distill.method_options(),
     ).to(device)
+
+
+def steps_per_epoch(config: ExperimentConfig, data_split: Split) -> int:
+    """Optimizer steps in one student epoch: the student's subset in batches of ``optim.batch_size``."""
+    return math.ceil(len(data_split.student) / config.optim.batch_size)
 
 
 def schedule_length(config: ExperimentConfig, distiller: Distiller, steps_per_epoch: int) -> int:

@@ -39,7 +39,7 @@ from rid_fast.train import checkpoint
 from rid_fast.train.atomic import write_csv_atomic, write_text_atomic
 from rid_fast.train.config import ExperimentConfig, check, from_dict, refuse_changes, to_dict
 from rid_fast.train.data import Dataset, Split, load_dataset, split
-from rid_fast.train.distillers import build_distiller, check_models, schedule_length
+from rid_fast.train.distillers import build_distiller, check_models, schedule_length, steps_per_epoch
 from rid_fast.train.measure import layer_pids
 from rid_fast.train.models import build_model
 from rid_fast.train.supervised import (
@@ -215,7 +215,7 @@ class Trainer:
     # ---- training -----------------------------------------------------------------------------
 
     def _steps_per_epoch(self) -> int:
-        return math.ceil(len(self.split.student) / self.config.optim.batch_size)
+        return steps_per_epoch(self.config, self.split)
 
     def schedule_length(self) -> int:
         """Length of the method's schedule in its unit (:func:`~rid_fast.train.distillers.schedule_length`)."""
