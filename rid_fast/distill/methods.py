@@ -242,7 +242,8 @@ class RID(DistillationMethod):
     student phases; ``weight`` is α. ``variant="paper"`` is the official code's system: its loss
     (:class:`~rid_fast.distill.rid.RIDLoss`), its schedule placement (unless ``schedule_placement``
     says otherwise), unstandardised teacher features (unless the distiller is told otherwise) and
-    the student in training mode during the filter phase, as there."""
+    the student in training mode during the filter phase, as there. ``estimator_options`` go to
+    every call of a contrastive redundancy estimator (:class:`~rid_fast.distill.rid.RIDLoss`)."""
 
     phases = ("filter", "student")
 
@@ -263,6 +264,7 @@ class RID(DistillationMethod):
         min_variance: float = 1e-3,
         variant: str = "rid_fast",
         schedule_placement: str | None = None,
+        estimator_options: dict | None = None,
     ):
         super().__init__()
         check_number("weight", weight, minimum=0.0)
@@ -276,6 +278,7 @@ class RID(DistillationMethod):
             temperature=temperature,
             min_variance=min_variance,
             variant=variant,
+            estimator_options=estimator_options,
         )
         if schedule_placement is None:
             schedule_placement = "paper" if variant == "paper" else "even"

@@ -52,8 +52,9 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,7 @@ __all__ = [
     "RIDSchedule",
     "GaussianRedundancy",
     "REDUNDANCY_ESTIMATORS",
+    "CONTRASTIVE_ESTIMATORS",
     "VARIANTS",
     "make_filter",
     "make_head",
@@ -87,6 +89,8 @@ _CONTRASTIVE = {
 }
 #: Names accepted for ``RIDLoss(estimator=...)``.
 REDUNDANCY_ESTIMATORS = ("gaussian", *_CONTRASTIVE)
+#: The estimators that contrast each positive pair with the batch's other pairs (negatives).
+CONTRASTIVE_ESTIMATORS = tuple(_CONTRASTIVE)
 #: Names accepted for ``RIDLoss(variant=...)`` (see the module notes).
 VARIANTS = ("rid_fast", "paper")
 #: The official code's initial variance parameter: σ² = softplus(5) + 1e-3 ≈ 5.008.
@@ -212,8 +216,10 @@ class _LayerPair(nn.Module):
         impl,
         grid,
         min_variance,
+        estimator_options,
     ):
         super().__init__()
+        self.estimator_options = estimator_options
         paper = variant == "paper"
         grid = None if paper else (4 if grid is None else grid)
         self.teacher_pool, self.student_pool, (t_shape, s_shape) = match_shapes(teacher_shape, student_shape, grid)
@@ -244,10 +250,25 @@ class _LayerPair(nn.Module):
         """(D, logged estimate): D to minimise; the estimate is Î (nats) for contrastive
         estimators and D itself for the Gaussian term (without log σ² when not ``log_variance``)."""
         if self.contrastive:
-            estimate = self.redundancy(pool_to_vector(student), pool_to_vector(teacher))
+            estimate = self.redundancy(pool_to_vector(student), pool_to_vector(teacher), **self.estimator_options)
             return -estimate, estimate.detach()
         loss = self.redundancy(student, teacher, log_variance=log_variance)
         return loss, loss.detach()
+
+
+def _checked_estimator_options(options: Mapping[str, Any] | None, estimator: str) -> dict[str, Any]:
+    """``RIDLoss(estimator_options=...)`` as a dict: a mapping with string keys, given to a
+    contrastive estimator only."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
+        raise TypeError(f"estimator_options must be a mapping of keyword names to values; got {options!r}")
+    if options and estimator not in CONTRASTIVE_ESTIMATORS:
+        raise ValueError(
+            f"estimator_options are passed to a contrastive estimator's calls; estimator={estimator!r} takes none "
+            f"(got {sorted(options)})"
+        )
+    return dict(options)
 
 
 #: Options ``variant="paper"`` fixes, with the value it takes them at.
@@ -279,6 +300,9 @@ class RIDLoss(nn.Module):
         variant: ``"rid_fast"`` (default) or ``"paper"``, the official code's system (module notes);
             ``"paper"`` refuses ``estimator``, ``filter_channels``, ``filter_hidden``, ``grid`` and
             ``min_variance`` at anything but their defaults.
+        estimator_options: keyword arguments added to every call of a contrastive estimator, in
+            both phases — in data-parallel training the process group to draw negatives from
+            (``group=``, ``gather=``); none by default. The Gaussian term takes none.
 
     Shape: ``teacher_feats[k]`` (B, *teacher_shapes[k]), ``student_feats[k]`` (B, *student_shapes[k]),
     ``labels`` (B,) class indices; a wrong layer count, shape or batch size is a ``ValueError``
@@ -301,6 +325,7 @@ class RIDLoss(nn.Module):
         min_variance: float = 1e-3,
         learn_temperature: bool = False,
         variant: str = "rid_fast",
+        estimator_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if len(teacher_shapes) != len(student_shapes) or not teacher_shapes:
@@ -327,6 +352,7 @@ class RIDLoss(nn.Module):
         check_number("min_variance", min_variance, minimum=0.0, inclusive=False)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}; got {variant!r}")
+        estimator_options = _checked_estimator_options(estimator_options, estimator)
         if variant == "paper":
             given = {"estimator": estimator, "filter_channels": filter_channels, "filter_hidden": filter_hidden,
                      "grid": grid, "min_variance": min_variance}  # fmt: skip
@@ -355,6 +381,7 @@ class RIDLoss(nn.Module):
                 impl=impl,
                 grid=grid,
                 min_variance=min_variance,
+                estimator_options=estimator_options,
             )
             for t, s in zip(self.teacher_shapes, self.student_shapes)
         )
