@@ -4,6 +4,7 @@
 
     rid-fast train --config FILE [key=value ...]              one distillation run
     rid-fast train --resume run.out_dir=RUN_DIR               continue it, with RUN_DIR/config.yaml
+    torchrun --nproc_per_node K -m rid_fast.cli train ...     the same run, data-parallel over K processes
     rid-fast compare --config FILE --seeds K --out DIR        methods × teachers × seeds, paired report
     rid-fast plot RUN_DIR                                     plots of a run or a comparison
     rid-fast pid RUN_DIR                                      PID of the distilled layers: what was transferred
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -170,30 +172,46 @@ def _resumed_run(args: argparse.Namespace) -> tuple[Path, list[str]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one student as the config says, or resume a run with its own ``config.yaml`` (the
-    overrides given then may not change what was trained); prints the final metrics."""
+    overrides given then may not change what was trained); prints the final metrics. Started by
+    torchrun, every process runs this, data-parallel; process 0 prints."""
     from rid_fast.train.config import resume_config
+    from rid_fast.train.distributed import data_parallel
     from rid_fast.train.loop import Trainer
 
     if args.resume:
         run_dir, overrides = _resumed_run(args)
         config = resume_config(run_dir, overrides)
-        trainer = Trainer.resume(config)
-        done, total = trainer.start_epoch, trainer.total_epochs()
-        print(f"resuming {run_dir} with its config.yaml after epoch {done} of {total}" if done < total
-              else f"{run_dir} is complete ({total} epochs): nothing left to train")  # fmt: skip
     else:
         config = _experiment_config(args)
-        trainer = Trainer(config)
-    final = trainer.train()
+    with data_parallel(config.run.device) as processes:
+        say = print if processes.main else _silent
+        if args.resume:
+            trainer = Trainer.resume(config)
+            done, total = trainer.start_epoch, trainer.total_epochs()
+            say(f"resuming {run_dir} with its config.yaml after epoch {done} of {total}" if done < total
+                else f"{run_dir} is complete ({total} epochs): nothing left to train")  # fmt: skip
+        else:
+            trainer = Trainer(config)
+        final = trainer.train()
     shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in final.items() if "/" not in k}
-    print(f"run folder: {config.run.out_dir}\nfinal: {shown}")
+    say(f"run folder: {config.run.out_dir}\nfinal: {shown}")
     return 0
+
+
+def _silent(*args, **kwargs) -> None:
+    """``print`` for processes other than process 0 of a torchrun launch."""
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Every method with every teacher for K seeds; summary.csv, report.md and plots in --out."""
     from rid_fast.train.compare import run_compare
+    from rid_fast.train.distributed import launched_by_torchrun
 
+    if launched_by_torchrun():
+        raise ValueError(
+            "compare trains its runs side by side in worker processes (--workers); start it without torchrun "
+            "(torchrun is for one data-parallel train run)"
+        )
     config = _experiment_config(args)
     progress = sys.stderr.isatty() if config.run.progress is None else config.run.progress
     run_compare(config, args.out, seeds=args.seeds, progress=progress, workers=args.workers)
@@ -284,22 +302,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _torchrun_process() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) of a process started by torchrun with several processes, else None."""
+    from rid_fast.train.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return None
+    rank = os.environ.get("RANK", "0")
+    return (int(rank) if rank.isdigit() else 0), int(os.environ["WORLD_SIZE"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    launched = _torchrun_process()
+    # Under torchrun, process 0 speaks for the run; another process reports only its own errors,
+    # naming itself (a device or file only it lacks would otherwise go unexplained).
+    speaks = launched is None or launched[0] == 0
+    prefix = f"rid-fast {args.command}" + ("" if speaks else f" (process {launched[0]} of {launched[1]})")
 
     def one_line(message, category, filename, lineno, file=None, line=None):
-        print(f"rid-fast {args.command}: warning: {message}", file=sys.stderr)
+        if speaks:
+            print(f"{prefix}: warning: {message}", file=sys.stderr)
 
+    if launched is not None:
+        # torchrun stops its processes with SIGTERM (on Ctrl-C, or when one of them fails): end as
+        # on Ctrl-C, leaving the process group, rather than at once.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     with warnings.catch_warnings():  # warnings (a damaged checkpoint skipped, …) as one line each
         warnings.showwarning = one_line
         try:
             return args.run(args)
         except (ValueError, FileNotFoundError) as error:  # bad config or input: a message, not a traceback
-            print(f"rid-fast {args.command}: error: {error}", file=sys.stderr)
+            print(f"{prefix}: error: {error}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:  # Ctrl-C: what was checkpointed is kept
             resume = " (resume it with --resume)" if args.command == "train" else ""
-            print(f"rid-fast {args.command}: interrupted{resume}", file=sys.stderr)
+            if speaks:
+                print(f"{prefix}: interrupted{resume}", file=sys.stderr)
             return 130
 
 

@@ -291,6 +291,11 @@ class DistillConfig:
     # standardise teacher features per channel (None: the method's choice; RID's paper variant does not)
     standardize_teacher: bool | None = None
     equal_student_steps: bool = True  # rid: filter phases come on top of optim.epochs of student updates
+    # Several processes (torchrun): a contrastive RID estimator's negatives come from the whole global
+    # batch, gathered from every process as `gather` says (ring: key blocks passed around; all_gather:
+    # every key at once), not from the process's own shard. One process holds the whole batch anyway.
+    global_negatives: bool = True
+    gather: str = setting("ring", one_of("ring", "all_gather"))
     kd: KDOptions = setting(factory=KDOptions)
     fitnets: FitNetsOptions = setting(factory=FitNetsOptions)
     vid: VIDOptions = setting(factory=VIDOptions)

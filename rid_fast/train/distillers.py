@@ -6,6 +6,10 @@ it around an untrained teacher of the right architecture, since every weight the
 checkpoint. :func:`check_models` builds it once on the side, so that a wrong model, layer name
 or method option — or a schedule that cannot be honoured over the run — is reported before any
 teacher trains. :func:`schedule_length` is the run's length in the method's schedule unit.
+
+In a data-parallel run (several processes, :mod:`rid_fast.train.distributed`) the student's and
+the method's BatchNorms normalise over the global batch (:mod:`rid_fast.train.sync_batchnorm`),
+and :func:`estimator_options` says what a contrastive RID estimator is called with.
 """
 
 from __future__ import annotations
@@ -16,21 +20,59 @@ import torch
 from torch import nn
 
 from rid_fast.distill.distiller import Distiller
+from rid_fast.distill.methods import resolve_method
+from rid_fast.distill.rid import CONTRASTIVE_ESTIMATORS
 from rid_fast.train.config import ExperimentConfig
 from rid_fast.train.data import Dataset, Split
+from rid_fast.train.distributed import Processes
 from rid_fast.train.models import build_model
+from rid_fast.train.sync_batchnorm import convert_batchnorm
 
-__all__ = ["build_distiller", "check_models", "schedule_length", "steps_per_epoch"]
+__all__ = ["build_distiller", "check_models", "estimator_options", "schedule_length", "steps_per_epoch"]
 
 
-def build_distiller(config: ExperimentConfig, dataset: Dataset, teacher: nn.Module, device: torch.device) -> Distiller:
+def estimator_options(config: ExperimentConfig, processes: Processes) -> dict:
+    """Keyword arguments for every call of the run's RID redundancy estimator
+    (``RIDLoss(estimator_options=...)``): none in one process, with ``distill.global_negatives``
+    off, or for a method without a contrastive estimator. Otherwise the estimator must draw its
+    negatives from every process's shard, which the estimators of this version cannot: a
+    ``ValueError`` that says so."""
+    _, preset = resolve_method(config.distill.method)
+    contrastive = preset.get("estimator") in CONTRASTIVE_ESTIMATORS
+    if not (processes.parallel and config.distill.global_negatives and contrastive):
+        return {}
+    # Where the estimators take a process group: return {"group": torch.distributed.group.WORLD,
+    # "gather": config.distill.gather}.
+    raise ValueError(
+        f"distill.global_negatives is true, but {config.distill.method}'s estimator cannot yet take its negatives "
+        f"from all {processes.world_size} processes: set distill.global_negatives=false (negatives from each "
+        "process's own shard of the batch)"
+    )
+
+
+def build_distiller(
+    config: ExperimentConfig,
+    dataset: Dataset,
+    teacher: nn.Module,
+    device: torch.device,
+    processes: Processes | None = None,
+) -> Distiller:
     """The distiller of ``config``'s run around ``teacher``, on ``device``. Seeds torch's generator:
-    the student's initialisation depends on ``run.seed`` alone, the method's modules on it too."""
+    the student's initialisation depends on ``run.seed`` alone, the method's modules on it too.
+    Among several ``processes``, every BatchNorm but the (frozen) teacher's normalises over the
+    global batch, and a contrastive RID estimator gets :func:`estimator_options`."""
     run, distill = config.run, config.distill
+    processes = processes or Processes()
+    options = distill.method_options()
+    extra = estimator_options(config, processes)
+    if extra:
+        options["estimator_options"] = extra
     torch.manual_seed(run.seed)
     student = build_model(config.student.model, dataset.input_shape, dataset.num_classes)
+    if processes.parallel:  # before the distiller hooks the student's layers, so that hooks see the new modules
+        student = convert_batchnorm(student)
     torch.manual_seed(run.seed + 1)
-    return Distiller(
+    distiller = Distiller(
         student.to(device),
         teacher.to(device),
         student_layers=distill.student_layers,
@@ -41,8 +83,11 @@ def build_distiller(config: ExperimentConfig, dataset: Dataset, teacher: nn.Modu
         standardize_teacher=distill.standardize_teacher,
         teacher_noise_fraction=config.teacher.noise_fraction if config.teacher.kind == "noisy" else 0.0,
         noise_seed=run.seed,
-        **distill.method_options(),
+        **options,
     ).to(device)
+    if processes.parallel:
+        convert_batchnorm(distiller.method)
+    return distiller
 
 
 def steps_per_epoch(config: ExperimentConfig, data_split: Split) -> int:

@@ -17,6 +17,14 @@ default) for every phase's optimizer. Logged values stay on the device until the
 :meth:`Trainer.resume` (and ``train(resume=True)``) restores every state, random generators
 included, from the newest intact checkpoint, so the run continues exactly as if it had not
 stopped; a checkpoint trained with other settings is refused.
+
+**Several processes.** Inside a process group (``torchrun``, :mod:`rid_fast.train.distributed`)
+the same loop runs data-parallel: every process takes its equal shard of each global batch of
+``optim.batch_size``, ``DistributedDataParallel`` averages the gradients of the distiller's
+trainable parameters (student, filters, heads, estimators), BatchNorms normalise over the global
+batch, logged values and accuracies are summed over the processes, and process 0 makes the
+teacher, writes every file and measures PID. Each process draws from generators seeded for it;
+checkpoints hold every process's generator states, so a run resumes exactly with as many processes.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -33,19 +42,27 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from rid_fast.train import checkpoint
+from rid_fast.train import checkpoint, distributed
 from rid_fast.train.atomic import write_csv_atomic, write_text_atomic
 from rid_fast.train.config import ExperimentConfig, check, from_dict, refuse_changes, to_dict
 from rid_fast.train.data import Dataset, Split, load_dataset, split
-from rid_fast.train.distillers import build_distiller, check_models, schedule_length, steps_per_epoch
+from rid_fast.train.distillers import (
+    build_distiller,
+    check_models,
+    estimator_options,
+    schedule_length,
+    steps_per_epoch,
+)
 from rid_fast.train.measure import layer_pids
 from rid_fast.train.models import build_model
 from rid_fast.train.supervised import (
     accuracy,
     batch_indices,
     build_optimizer,
+    correct_predictions,
     learning_rate,
     random_crop_flip,
     resolve_device,
@@ -81,17 +98,22 @@ class _EpochLog:
         self.counts[key] += count
 
     def means(self) -> dict[str, float]:
-        """Every key's mean over its items (one device-to-host transfer)."""
+        """Every key's mean over its items, summed over the processes of a data-parallel run
+        (every process logs the same keys in the same order); one device-to-host transfer."""
         if not self.sums:
             return {}
-        totals = torch.stack(list(self.sums.values())).tolist()
-        return {key: total / self.counts[key] for key, total in zip(self.sums, totals)}
+        totals = torch.stack(list(self.sums.values()))
+        counts = torch.tensor([self.counts[key] for key in self.sums], dtype=torch.float64, device=totals.device)
+        both = distributed.all_reduce_sum(torch.stack([totals, counts])).tolist()
+        return {key: total / count for key, total, count in zip(self.sums, *both)}
 
 
 class Trainer:
     """Distil a teacher into a student as ``config`` says. ``dataset``, ``split`` and ``teacher``
     may be given to share them between runs (``rid-fast compare`` does). Every config value is
-    checked, and the models built once on the side, before a teacher trains."""
+    checked, and the models built once on the side, before a teacher trains. Inside a process
+    group of several processes (:func:`rid_fast.train.distributed.data_parallel`) it trains
+    data-parallel (module notes)."""
 
     def __init__(
         self,
@@ -104,21 +126,34 @@ class Trainer:
         check(config)
         self.config = config
         self.out_dir = Path(config.run.out_dir)
-        self.device = resolve_device(config.run.device)
+        self.processes = distributed.current()
+        if distributed.launched_by_torchrun() and not self.processes.parallel:
+            raise ValueError(
+                "started by torchrun (WORLD_SIZE > 1) outside a process group: train with rid-fast train / "
+                "python -m rid_fast.cli train, or inside rid_fast.train.distributed.data_parallel(run.device)"
+            )
+        self.device = (
+            distributed.process_device(config.run.device, int(os.environ.get("LOCAL_RANK", "0")))
+            if self.processes.parallel
+            else resolve_device(config.run.device)
+        )
         run = config.run
-        self.progress = sys.stderr.isatty() if run.progress is None else run.progress
+        self.progress = (sys.stderr.isatty() if run.progress is None else run.progress) and self.processes.main
 
         seed_everything(run.seed)
         self.dataset = dataset or load_dataset(config.data.name, config.data.data_dir)
         self.split = data_split or split(
             self.dataset.y_train, per_class=config.data.per_class, val_fraction=config.data.val_fraction, seed=run.seed
         )
+        distributed.check_global_batch(config.optim.batch_size, len(self.split.student), self.processes.world_size)
+        estimator_options(config, self.processes)  # refused here, before a teacher trains, if it cannot be honoured
         if teacher is None:
             check_models(config, self.dataset, self._steps_per_epoch())
-            teacher = make_teacher(config, self.dataset, self.split, self.device)
+            teacher = self._make_teacher()
         self.teacher = teacher
-        self.distiller = build_distiller(config, self.dataset, self.teacher, self.device)
+        self.distiller = build_distiller(config, self.dataset, self.teacher, self.device, self.processes)
         self.distiller.fit_teacher_statistics(self.dataset.x_train[self.split.teacher].to(self.device))
+        self._parallel_distiller: DistributedDataParallel | None = None
 
         self.optimizers = {
             phase: build_optimizer(config.optim, self.distiller.parameters_for(phase))
@@ -129,6 +164,20 @@ class Trainer:
         self.best_val = -math.inf
         self.start_epoch = 0
         self.student_progress = 0.0  # student-phase epochs done: the learning-rate clock
+        if self.processes.parallel:  # each process its own draws (noise, augmentation) from here on
+            seed_everything(distributed.process_seed(run.seed, self.processes.rank))
+
+    def _make_teacher(self) -> nn.Module:
+        """The config's teacher; among several processes, made (trained, or read from the cache) by
+        process 0 alone and sent to the others, which wait: no two processes write the cache file."""
+        config = self.config
+        if self.processes.main:
+            teacher = make_teacher(config, self.dataset, self.split, self.device)
+        else:
+            teacher = build_model(config.teacher.model, self.dataset.input_shape, self.dataset.num_classes)
+            teacher = teacher.to(self.device).eval()
+        distributed.broadcast_module(teacher)
+        return teacher
 
     @classmethod
     def resume(cls, config: ExperimentConfig) -> Trainer:
@@ -137,7 +186,7 @@ class Trainer:
         from the checkpoint. The checkpoint must have been trained with ``config`` (up to the
         values a resumed run may change, see :func:`rid_fast.train.config.resume_config`)."""
         check(config)
-        state = cls._newest_state(Path(config.run.out_dir), config)
+        state = cls._newest_state(Path(config.run.out_dir), config, distributed.current().world_size)
         dataset = load_dataset(config.data.name, config.data.data_dir)
         architecture = build_model(config.teacher.model, dataset.input_shape, dataset.num_classes)
         trainer = cls(config, dataset=dataset, teacher=architecture)
@@ -158,7 +207,12 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
 
-    def _state(self, epoch: int) -> dict:
+    def _state(self, epoch: int) -> dict | None:
+        """The run's state after ``epoch``, on process 0 (None on the others). Every process must
+        call it: it gathers their random generator states."""
+        rng = distributed.gather(checkpoint.rng_state())
+        if not self.processes.main:
+            return None
         return {
             "epoch": epoch,
             "config": to_dict(self.config),
@@ -170,7 +224,9 @@ class Trainer:
             "history": json.dumps(self.history),
             "best_val": self.best_val,
             "student_progress": self.student_progress,
-            "rng": checkpoint.rng_state(),
+            "rng": rng[0],
+            # Among several processes, each one's generators (one process: the states of "rng").
+            **({"process_rngs": rng} if self.processes.parallel else {}),
         }
 
     def _restore(self, state: dict) -> None:
@@ -181,10 +237,11 @@ class Trainer:
         self.best_val = state["best_val"]
         self.student_progress = state["student_progress"]
         self.start_epoch = state["epoch"] + 1
-        checkpoint.set_rng_state(state["rng"])
+        rngs = state["process_rngs"][self.processes.rank] if self.processes.parallel else state["rng"]
+        checkpoint.set_rng_state(rngs)
 
     @staticmethod
-    def _newest_state(out_dir: Path, config: ExperimentConfig) -> dict:
+    def _newest_state(out_dir: Path, config: ExperimentConfig, world_size: int = 1) -> dict:
         """The newest intact checkpoint of the run in ``out_dir`` (a :class:`ResumeWarning` names
         every checkpoint that could not be used, and the one taken), after checking it was trained
         with ``config``.
@@ -197,6 +254,13 @@ class Trainer:
         for key in ("epoch", "config", "distiller", "optimizers", "history", "rng"):
             if key not in state:
                 raise checkpoint.CheckpointError(f"{path} holds no complete training state (no {key!r})")
+        saved_world = len(state.get("process_rngs", [None]))
+        if saved_world != world_size:
+            how = f"torchrun --nproc_per_node {saved_world} ..." if saved_world > 1 else "without torchrun"
+            raise ValueError(
+                f"{path} was written by a run of {saved_world} process(es) and this is a run of {world_size}: every "
+                f"process's random generators are part of the state, so resume it with {saved_world} ({how})"
+            )
         if path.name != CHECKPOINT_NAMES[0] and not problems:
             problems = [f"{ckpt_dir / CHECKPOINT_NAMES[0]} is missing"]
         if problems:
@@ -205,7 +269,9 @@ class Trainer:
         refuse_changes(from_dict(ExperimentConfig, state["config"]), config, f"resuming from {path} with this config")
         return state
 
-    def _write_checkpoints(self, state: dict, best_state: dict | None) -> None:
+    def _write_checkpoints(self, state: dict | None, best_state: dict | None) -> None:
+        if not self.processes.main:
+            return
         ckpt_dir = self.out_dir / "ckpt"
         latest, previous, best = (ckpt_dir / name for name in CHECKPOINT_NAMES)
         checkpoint.save_atomic(state, latest, keep_previous=previous)
@@ -257,13 +323,16 @@ class Trainer:
         newest intact checkpoint of ``run.out_dir`` (see :meth:`resume`, which also skips building
         the teacher). ``step_callback(epoch, step, out)`` sees every step's output dict (tests use it)."""
         config, run = self.config, self.config.run
+        main = self.processes.main
         if resume:
-            self._restore(self._newest_state(self.out_dir, config))
-        if self.start_epoch == 0:  # a fresh run: an earlier run's checkpoints must not pass for its own
+            self._restore(self._newest_state(self.out_dir, config, self.processes.world_size))
+        if self.start_epoch == 0 and main:  # a fresh run: an earlier run's checkpoints must not pass for its own
             for name in CHECKPOINT_NAMES:
                 (self.out_dir / "ckpt" / name).unlink(missing_ok=True)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(yaml.safe_dump(to_dict(config), sort_keys=False), self.out_dir / "config.yaml")
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(yaml.safe_dump(to_dict(config), sort_keys=False), self.out_dir / "config.yaml")
+        model = self._data_parallel()
         x_train, y_train = self._tensors(self.split.student)
         x_val, y_val = self._tensors(self.split.validation)
         x_test, y_test = self._tensors(None)
@@ -287,15 +356,16 @@ class Trainer:
             self.distiller.train()
             log = _EpochLog()
             phases = []
-            for step, idx in enumerate(batch_indices(len(x_train), batch_size, seed=run.seed, epoch=epoch)):
+            for step, batch in enumerate(batch_indices(len(x_train), batch_size, seed=run.seed, epoch=epoch)):
                 position = epoch * steps_per_epoch + step if per_step else epoch
                 if position >= total:  # a per-step schedule may end part way through its last epoch
                     break
+                idx = distributed.shard(batch, self.processes)  # this process's share of the global batch
                 phase = self.distiller.phase(position, total)
                 inputs = random_crop_flip(x_train[idx]) if augment else x_train[idx]
                 cached = None if teacher_cache is None else (teacher_cache[0][idx], [f[idx] for f in teacher_cache[1]])
                 with autocast:
-                    out = self.distiller(inputs, y_train[idx], position=position, total=total, teacher_outputs=cached)
+                    out = model(inputs, y_train[idx], position=position, total=total, teacher_outputs=cached)
                 optimizer = self.optimizers[phase]
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
@@ -320,13 +390,14 @@ class Trainer:
             if train_acc is not None:
                 row["train_acc"] = train_acc
             if (epoch + 1) % run.eval_every == 0 or epoch + 1 == epochs:
-                row["val_acc"] = accuracy(self.distiller.student, x_val, y_val)
-                row["test_acc"] = accuracy(self.distiller.student, x_test, y_test)
-            if run.pid_every > 0 and ((epoch + 1) % run.pid_every == 0 or epoch + 1 == epochs):
-                row.update(self.measure_pid(x_val, y_val))
+                row["val_acc"] = self._accuracy(x_val, y_val)
+                row["test_acc"] = self._accuracy(x_test, y_test)
+            if run.pid_every > 0 and ((epoch + 1) % run.pid_every == 0 or epoch + 1 == epochs) and main:
+                row.update(self.measure_pid(x_val, y_val))  # process 0's rows are the ones written
             row["seconds"] = time.perf_counter() - started
             self.history.append(row)
-            write_csv_atomic(self.history, self.out_dir / "metrics.csv")
+            if main:
+                write_csv_atomic(self.history, self.out_dir / "metrics.csv")
             checkpoint_now = (run.checkpoint_every and (epoch + 1) % run.checkpoint_every == 0) or epoch + 1 == epochs
             if row.get("val_acc", -math.inf) > self.best_val:
                 self.best_val = row["val_acc"]
@@ -337,3 +408,27 @@ class Trainer:
                 best_state = None
             bar.set_postfix({k: f"{row[k]:.1f}" for k in ("val_acc", "test_acc") if k in row})
         return self.history[-1] if self.history else {}
+
+    def _data_parallel(self) -> nn.Module:
+        """What a training step calls: the distiller, or among several processes the distiller in
+        ``DistributedDataParallel`` (made once, after any restore: it starts every process from
+        process 0's weights). RID's phases train disjoint parameters, and parts of a step run
+        without gradients, so some parameters are unused in any step (``find_unused_parameters``)."""
+        if not self.processes.parallel:
+            return self.distiller
+        if self._parallel_distiller is None:
+            self._parallel_distiller = DistributedDataParallel(
+                self.distiller,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+        return self._parallel_distiller
+
+    def _accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The student's top-1 accuracy (percent) on ``(x, y)``; among several processes each
+        counts its shard and the counts are summed, exactly."""
+        if not self.processes.parallel:
+            return accuracy(self.distiller.student, x, y)
+        mine = distributed.shard(torch.arange(len(x)), self.processes).to(x.device)
+        correct = torch.tensor(correct_predictions(self.distiller.student, x[mine], y[mine]), dtype=torch.float64)
+        return 100.0 * distributed.all_reduce_sum(correct.to(self.device)).item() / max(len(x), 1)

@@ -24,6 +24,7 @@ __all__ = [
     "learning_rate",
     "set_learning_rate",
     "accuracy",
+    "correct_predictions",
     "fit_classifier",
 ]
 
@@ -88,8 +89,9 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy in percent, in eval mode (the model's mode is restored)."""
+def correct_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> int:
+    """How many of ``x`` the model classifies as ``y`` says (top-1), in eval mode (the model's
+    mode is restored)."""
     was_training = model.training
     model.eval()
     correct = sum(
@@ -97,7 +99,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         for i in range(0, len(x), batch_size)
     )
     model.train(was_training)
-    return 100.0 * correct / max(len(x), 1)
+    return correct
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy in percent, in eval mode (the model's mode is restored)."""
+    return 100.0 * correct_predictions(model, x, y, batch_size) / max(len(x), 1)
 
 
 def fit_classifier(
