@@ -221,11 +221,25 @@ def _metrics(run_dir: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux: from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "pid (name)": state, ppid
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            continue
+        if parent == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def test_torchrun_run_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path):
-    """``torchrun --nproc_per_node 2 -m rid_fast.cli train`` (gloo): a run whose processes are all
-    killed (SIGKILL) after its second checkpoint, resumed with ``--resume`` under torchrun, ends
-    with the metrics (but the timings) and weights of an uninterrupted two-process run; the noisy
-    teacher makes every process draw from its own generators. One process cannot resume it."""
+    """``torchrun --nproc_per_node 2 -m rid_fast.cli train`` (gloo): a run whose processes (torchrun
+    and its two workers) are killed with SIGKILL after its second checkpoint, resumed with
+    ``--resume`` under torchrun, ends with the metrics (but the timings) and weights of an
+    uninterrupted two-process run; the noisy teacher makes every process draw from its own
+    generators. One process cannot resume it."""
     config = tmp_path / "tiny.yaml"
     config.write_text(TORCHRUN_YAML)
     overrides = ["teacher.kind=noisy"]
@@ -237,13 +251,18 @@ def test_torchrun_run_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("final:") == 1  # process 0 alone prints
     process = subprocess.Popen([*train, f"run.out_dir={run}"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                               stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 600
     while not (run / "ckpt" / "previous.pt").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both of its processes
+    workers = _children(process.pid)  # torchrun starts each in a session of its own
+    for pid in (process.pid, *workers):  # torchrun first: it must not see its processes die
+        os.kill(pid, signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert len(workers) == 2
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):  # gone once reaped by their new parent
+        time.sleep(0.01)
     total = len(_metrics(reference))
     assert 2 <= len(_metrics(run)) < total
     resumed = subprocess.run([*torchrun, "-m", "rid_fast.cli", "train", f"run.out_dir={run}", "--resume"], env=env,
