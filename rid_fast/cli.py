@@ -324,10 +324,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if speaks:
             print(f"{prefix}: warning: {message}", file=sys.stderr)
 
+    stopping = []
     if launched is not None:
-        # torchrun stops its processes with SIGTERM (on Ctrl-C, or when one of them fails): end as
-        # on Ctrl-C, leaving the process group, rather than at once.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        # torchrun passes Ctrl-C on to its processes as SIGINT, or stops them with SIGTERM (when one
+        # of them fails, and in older versions): either ends as Ctrl-C does, leaving the process group.
+        def stop(signum, frame):
+            stopping.append(signum)
+            raise KeyboardInterrupt
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, stop)
     with warnings.catch_warnings():  # warnings (a damaged checkpoint skipped, …) as one line each
         warnings.showwarning = one_line
         try:
@@ -335,7 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as error:  # bad config or input: a message, not a traceback
             print(f"{prefix}: error: {error}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:  # Ctrl-C: what was checkpointed is kept
+        except (KeyboardInterrupt, RuntimeError) as error:  # Ctrl-C: what was checkpointed is kept
+            # A process waiting in a collective when the others stop fails there (the peer is gone)
+            # before its own signal is handled: that too is the interruption, not an error.
+            if isinstance(error, RuntimeError) and not stopping:
+                raise
             resume = " (resume it with --resume)" if args.command == "train" else ""
             if speaks:
                 print(f"{prefix}: interrupted{resume}", file=sys.stderr)

@@ -278,3 +278,26 @@ def test_torchrun_run_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path):
     assert one_process.returncode == 2
     assert "was written by a run of 2 process(es) and this is a run of 1" in one_process.stderr
     assert len(one_process.stderr.splitlines()) == 1
+
+
+def test_ctrl_c_under_torchrun_is_one_line_from_process_0(tmp_path):
+    """Ctrl-C reaches torchrun (its workers run in sessions of their own), which passes it on:
+    process 0 says once that the run was interrupted and how to resume it, and no process prints
+    a traceback."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TORCHRUN_YAML)
+    run, log = tmp_path / "run", tmp_path / "stderr.txt"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*torchrun, "-m", "rid_fast.cli", "train", "--config", str(config), "teacher.kind=untrained",
+               "optim.epochs=400", f"run.out_dir={run}"]  # fmt: skip
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)  # fmt: skip
+        deadline = time.monotonic() + 600
+        while not (run / "ckpt" / "latest.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    ours = [line for line in log.read_text().splitlines() if line.startswith("rid-fast")]
+    assert ours == ["rid-fast train: interrupted (resume it with --resume)"]
+    assert "rid_fast/" not in log.read_text()  # no traceback through rid_fast (torchrun prints its own)
