@@ -308,8 +308,8 @@ def _torchrun_process() -> tuple[int, int] | None:
 
     if not launched_by_torchrun():
         return None
-    rank = os.environ.get("RANK", "0")
-    return (int(rank) if rank.isdigit() else 0), int(os.environ["WORLD_SIZE"])
+    rank, world = os.environ.get("RANK", "0"), os.environ["WORLD_SIZE"]
+    return (int(rank) if rank.isdigit() else 0), (int(world) if world.isdigit() else 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

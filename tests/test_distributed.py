@@ -87,6 +87,11 @@ def test_torchrun_environment_errors_name_the_variable(monkeypatch):
     with pytest.raises(ValueError, match="environment variable RANK must be a whole number ≥ 0; got 'two'"):
         with distributed.data_parallel("cpu"):
             pass
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "many")
+    with pytest.raises(ValueError, match="environment variable WORLD_SIZE must be a whole number ≥ 0; got 'many'"):
+        with distributed.data_parallel("cpu"):
+            pass
     with pytest.raises(ValueError, match="run.device is 'cuda:1', one device, but each process"):
         distributed.process_device("cuda:1", 0)
 

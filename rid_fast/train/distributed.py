@@ -78,8 +78,10 @@ class Processes:
 
 
 def launched_by_torchrun() -> bool:
-    """Whether this process was started by torchrun with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1") or "1") > 1
+    """Whether this process was started by torchrun with more than one process (a ``WORLD_SIZE``
+    that is not a number counts: :func:`data_parallel` then says what is wrong with it)."""
+    raw = os.environ.get("WORLD_SIZE", "")
+    return raw != "" and (not raw.isdigit() or int(raw) > 1)
 
 
 def _environment() -> dict[str, int | str]:
