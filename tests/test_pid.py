@@ -299,6 +299,26 @@ def test_the_projection_reads_the_device_only_after_sweeps_1_2_4_8(monkeypatch, 
     assert reads == 1 and float(error.max()) <= broja_module._PROJECTED
 
 
+def test_lapack_calls_run_on_one_thread_and_the_thread_count_is_restored(monkeypatch):
+    """The batched Cholesky factorisations and triangular solves run with one torch thread (no
+    OpenMP barriers for a busy neighbour process to stall); the caller's count is left as it was."""
+    seen = []
+    for name in ("cholesky_ex", "solve_triangular"):
+        original = getattr(torch.linalg, name)
+        monkeypatch.setattr(
+            torch.linalg, name, lambda *a, _f=original, **k: seen.append(torch.get_num_threads()) or _f(*a, **k)
+        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = pid.broja_batch(random_distributions(4, (3, 4, 2), seed=5))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {1}
+    assert bool((result.gap <= 1e-8 / pid.LN2).all())
+
+
 @pytest.mark.slow
 def test_largest_size_is_certified():
     p = random_distributions(1, (100, 32, 32), seed=5)
