@@ -65,17 +65,19 @@ if AVAILABLE:
             col_stat=loss_cols + positives, col_grad=grad_cols,
         )  # fmt: skip
 
-    def lse_negatives_forward(q, k, scale, clip=None):
-        return row_stats(q, k, scale, reduction="lse", mask_diagonal=True, clip=clip)
+    def lse_negatives_forward(q, k, scale, clip=None, diagonal=True):
+        return row_stats(q, k, scale, reduction="lse", mask_diagonal=diagonal, clip=clip)
 
-    def lse_negatives_backward(grad, q, k, scale, lse, clip=None):
-        return weighted_grads(q, k, scale, mode="lse_negatives", row_stat=lse, row_grad=grad, clip=clip)
+    def lse_negatives_backward(grad, q, k, scale, lse, clip=None, diagonal=True):
+        return weighted_grads(
+            q, k, scale, mode="lse_negatives", row_stat=lse, row_grad=grad, clip=clip, mask_diagonal=diagonal
+        )
 
-    def softplus_negatives_forward(q, k, scale):
-        return row_stats(q, k, scale, reduction="softplus", mask_diagonal=True)
+    def softplus_negatives_forward(q, k, scale, diagonal=True):
+        return row_stats(q, k, scale, reduction="softplus", mask_diagonal=diagonal)
 
-    def softplus_negatives_backward(grad, q, k, scale):
-        return weighted_grads(q, k, scale, mode="softplus_negatives", row_grad=grad)
+    def softplus_negatives_backward(grad, q, k, scale, diagonal=True):
+        return weighted_grads(q, k, scale, mode="softplus_negatives", row_grad=grad, mask_diagonal=diagonal)
 
     # The row ops with the weighted keys u from the forward (rid_fast.ops.library): W k = a ⊙ u, so the
     # backward sweeps only for dk.
