@@ -153,6 +153,11 @@ def all_reduce_max(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return out
 
 
+# One-tensor collectives: the *_single names of newer torch, the *_tensor ones (deprecated there) before.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _own_first(rank: int, world: int) -> list[int]:
     """The ranks from this one on, around the ring: rank, rank + 1, …, rank − 1."""
     return [(rank + step) % world for step in range(world)]
@@ -163,7 +168,7 @@ def _sum_to_owner(blocks: torch.Tensor, group: dist.ProcessGroup, rank: int) -> 
     gloo, which has no reduce-scatter, all-reduces and keeps its own block."""
     if dist.get_backend(group) == "nccl":
         out = blocks.new_empty(blocks.shape[1:])
-        dist.reduce_scatter_tensor(out, blocks, group=group)
+        _reduce_scatter_single(out, blocks, group=group)
         return out
     dist.all_reduce(blocks, group=group)
     return blocks[rank]
@@ -177,7 +182,7 @@ class _GatherRows(torch.autograd.Function):
         padded = t.new_zeros((longest, *t.shape[1:]))  # all_gather needs one shape: pad ragged blocks
         padded[: t.shape[0]] = t
         blocks = t.new_empty((world * longest, *t.shape[1:]))
-        dist.all_gather_into_tensor(blocks, padded, group=group)
+        _all_gather_single(blocks, padded, group=group)
         blocks = blocks.view(world, longest, *t.shape[1:])
         ctx.sizes, ctx.group = sizes, group
         return torch.cat([blocks[r, : sizes[r]] for r in _own_first(rank, world)])
