@@ -245,3 +245,31 @@ def _largest(group) -> dict:
                 value.backward()
             sizes[gather, name] = mode.largest
     return sizes
+
+
+def kernels_job(sizes: tuple[int, ...]) -> Callable:
+    return _KernelsJob(sizes)
+
+
+@dataclass
+class _KernelsJob:
+    """Every estimator of the kernel tiers on the Triton backend over the ring, fp32 (run under
+    the Triton interpreter): per label, the value and this process's gradients w.r.t. its x and y
+    rows and the temperature."""
+
+    sizes: tuple[int, ...]
+
+    def __call__(self, group) -> dict:
+        from estimator_checks import KERNEL_ESTIMATORS, correlated_pair
+
+        rank = dist.get_rank(group)
+        start, rows = sum(self.sizes[:rank]), self.sizes[rank]
+        results = {}
+        for label, (name, temperature, options) in KERNEL_ESTIMATORS.items():
+            x, y = correlated_pair(sum(self.sizes), sum(self.sizes), 5)
+            x = x[start : start + rows].float().requires_grad_(True)
+            y = y[start : start + rows].float().requires_grad_(True)
+            tau = torch.tensor(temperature, requires_grad=True)
+            value = functional.mi_bound(x, y, name, temperature=tau, impl="triton", group=group, **options)
+            results[label] = (value.detach(), torch.autograd.grad(value, (x, y, tau)))
+        return results

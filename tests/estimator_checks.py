@@ -85,8 +85,11 @@ DEFAULT_TOLERANCES = {
 }
 
 
-def assert_matches_reference(name: str, x, y, *, temperature: float, impl: str, dtype, device="cpu", **options) -> None:
-    """The contract above, for the value and each gradient."""
+def assert_matches_reference(
+    name: str, x, y, *, temperature: float, impl: str, dtype, device="cpu", fast: Result | None = None, **options
+) -> None:
+    """The contract above, for the value and each gradient; ``fast``: the fast path's result when
+    computed elsewhere (e.g. across processes), else :func:`evaluate` of ``impl``."""
     rounded_temperature = (
         float(torch.tensor(temperature, dtype=torch.float32)) if dtype != torch.float64 else temperature
     )
@@ -94,7 +97,8 @@ def assert_matches_reference(name: str, x, y, *, temperature: float, impl: str, 
         name, x.to(dtype).double(), y.to(dtype).double(), dtype=torch.float64, temperature=rounded_temperature,
         impl="reference", device=device, **options,
     )  # fmt: skip
-    fast = evaluate(name, x, y, dtype=dtype, temperature=temperature, impl=impl, device=device, **options)
+    if fast is None:
+        fast = evaluate(name, x, y, dtype=dtype, temperature=temperature, impl=impl, device=device, **options)
     pairs = [("value", fast.value, truth.value)] + [
         (f"d/d{arg}", g_fast, g_true) for arg, g_fast, g_true in zip(("x", "y", "temperature"), fast.grads, truth.grads)
     ]

@@ -11,10 +11,12 @@ import os
 
 import pytest
 import torch
+from distributed_worker import kernels_job, run_world
 from estimator_checks import (
     DEFAULT_TOLERANCES,
     FP32_UNIT_ROUNDOFF,
     KERNEL_ESTIMATORS,
+    Result,
     assert_compiles_like_eager,
     assert_every_candidate_config_matches,
     assert_far_below_zero_matches,
@@ -242,3 +244,34 @@ def direct_row_reduction_from_scores(s, *, reduction, clip, diagonal):
     """:func:`estimator_checks.direct_row_reduction` on given scores S (σ = 1, q = S, k = I)."""
     return direct_row_reduction(s, torch.eye(s.shape[1], dtype=s.dtype), 1.0, reduction=reduction, clip=clip,
                                 diagonal=diagonal)  # fmt: skip
+
+
+RING_SIZES = (5, 4)
+
+
+@pytest.fixture(scope="module")
+def ring_results():
+    """Every kernel-tier estimator over the ring of two gloo processes (5 and 4 rows) on the Triton
+    backend (one spawn for all)."""
+    return run_world(len(RING_SIZES), kernels_job(RING_SIZES))
+
+
+@pytest.mark.parametrize("label", list(KERNEL_ESTIMATORS))
+def test_ring_across_processes_runs_the_kernels(ring_results, label):
+    """The ring on the kernels (the other process's block with MASK_DIAGONAL off): the value, the
+    same on both processes, and the gradients — local rows' concatenated and the temperature's
+    averaged, each divided by the W of DDP's convention — meet the accuracy contract against the
+    single-process float64 truth on the whole batch."""
+    name, temperature, options = KERNEL_ESTIMATORS[label]
+    world = len(RING_SIZES)
+    per_process = [results[label] for results in ring_results]
+    assert float(per_process[0][0]) == float(per_process[1][0])
+    grads = [[grads[i] for _, grads in per_process] for i in range(3)]
+    fast = Result(
+        per_process[0][0].double(),
+        (torch.cat(grads[0]).double() / world, torch.cat(grads[1]).double() / world, sum(grads[2]).double() / world),
+    )
+    x, y = correlated_pair(sum(RING_SIZES), sum(RING_SIZES), 5)
+    assert_matches_reference(
+        name, x, y, temperature=temperature, impl="triton", dtype=torch.float32, fast=fast, **options
+    )
