@@ -24,10 +24,9 @@ from rid_fast.kernels.tiles import MODES, REDUCTIONS
 
 
 def _constexprs(reduction: str, *, mask_diagonal: bool, clip: bool, mode: str) -> tuple[dict, dict]:
-    """An estimator's (forward constexprs, backward MODE, CLIP and MASK_DIAGONAL), from the kernels'
-    constant table (the cross-entropy modes' backward always holds the diagonal)."""
+    """An estimator's (forward constexprs, backward MODE and CLIP), from the kernels' constant table."""
     forward = {"REDUCTION": REDUCTIONS[reduction], "MASK_DIAGONAL": mask_diagonal, "CLIP": clip}
-    return forward, {"MODE": MODES[mode], "CLIP": clip, "MASK_DIAGONAL": mask_diagonal or mode.startswith("ce_")}
+    return forward, {"MODE": MODES[mode], "CLIP": clip}
 
 
 ESTIMATORS = {

@@ -173,11 +173,9 @@ _FORWARD_VARIANTS = {
     "softplus_masked": {"REDUCTION": REDUCTIONS["softplus"], "MASK_DIAGONAL": True, "CLIP": False},
 }
 _BACKWARD_VARIANTS = {
-    "ce_rows_cols": {"MODE": MODES["ce_rows_cols"], "CLIP": False, "COLUMN_STATS": True, "MASK_DIAGONAL": True},
-    "lse_negatives_clipped": {
-        "MODE": MODES["lse_negatives"], "CLIP": True, "COLUMN_STATS": False, "MASK_DIAGONAL": True,
-    },
-}  # fmt: skip
+    "ce_rows_cols": {"MODE": MODES["ce_rows_cols"], "CLIP": False, "COLUMN_STATS": True},
+    "lse_negatives_clipped": {"MODE": MODES["lse_negatives"], "CLIP": True, "COLUMN_STATS": False},
+}
 _VARIANTS = {
     "row_stats_fwd": {name: {**c, "WEIGHTED_KEYS": False} for name, c in _FORWARD_VARIANTS.items()},
     # Training's forward, which also sums the weighted keys: every variant is used.

@@ -12,10 +12,6 @@ per-column statistics (``MODE``):
   (NWJ, DV, SMILE);
 * ``SOFTPLUS_NEGATIVES``: :math:`W_{ij} = a_i\,\mathrm{sigmoid}(S_{ij})`, :math:`j \ne i` (JS).
 
-The last two leave the diagonal out with ``MASK_DIAGONAL``; without it every j counts (a block of
-keys holding no positive: another process's, :mod:`rid_fast.ops.distributed`), and the tiles
-crossing the diagonal need no mask of their own.
-
 :func:`_grad_q_kernel` owns a block of rows and sweeps the column tiles; :func:`_grad_k_kernel`
 owns a block of columns and sweeps the row tiles (both with :func:`kernels.tiles._sweep`; on
 16-bit inputs the tiles off the diagonal band and inside the matrix run without masks). Each
@@ -60,7 +56,6 @@ class _BackwardConstants(NamedTuple):
     MODE: tl.constexpr
     CLIP: tl.constexpr
     COLUMN_STATS: tl.constexpr
-    MASK_DIAGONAL: tl.constexpr
     BLOCK_M: tl.constexpr
     BLOCK_N: tl.constexpr
     BLOCK_K: tl.constexpr
@@ -109,28 +104,21 @@ class _GradKBlock(NamedTuple):
 
 # fmt: off
 @triton.jit
-def _assert_backward_constants(
-    MODE: tl.constexpr, CLIP: tl.constexpr, COLUMN_STATS: tl.constexpr, MASK_DIAGONAL: tl.constexpr,
-):
+def _assert_backward_constants(MODE: tl.constexpr, CLIP: tl.constexpr, COLUMN_STATS: tl.constexpr):
     """The combinations :func:`_weights` implements: column statistics belong to CE_ROWS_COLS, the
-    clamp to LSE_NEGATIVES (elsewhere either would be ignored, giving a silently wrong W), and the
-    cross-entropies subtract their positives on the diagonal, so they cannot do without it."""
+    clamp to LSE_NEGATIVES (elsewhere either would be ignored, giving a silently wrong W)."""
     tl.static_assert(
         MODE == CE_ROWS or MODE == CE_ROWS_COLS or MODE == LSE_NEGATIVES or MODE == SOFTPLUS_NEGATIVES,
         "MODE must be CE_ROWS, CE_ROWS_COLS, LSE_NEGATIVES or SOFTPLUS_NEGATIVES",
     )
     tl.static_assert(COLUMN_STATS == (MODE == CE_ROWS_COLS), "column statistics are read for CE_ROWS_COLS only")
     tl.static_assert(not CLIP or MODE == LSE_NEGATIVES, "CLIP applies to LSE_NEGATIVES only")
-    tl.static_assert(
-        MASK_DIAGONAL or MODE == LSE_NEGATIVES or MODE == SOFTPLUS_NEGATIVES,
-        "the cross-entropy modes hold their positives on the diagonal: MASK_DIAGONAL",
-    )
 
 
 @triton.jit
 def _weights(
     dots, scale, offs_m, offs_n, n_rows, n_cols, row_stat, row_grad, col_stat, col_grad, clip,
-    MODE: tl.constexpr, CLIP: tl.constexpr, MASK_DIAGONAL: tl.constexpr, MASKED: tl.constexpr,
+    MODE: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr,
 ):
     """The tile of W = ∂L/∂S (fp32) from the tile of q·k (S = σ·dots), zero outside the matrix;
     see the module notes per MODE. The exponent is S − ℓ, rounded once from S: folding σ·log₂e
@@ -160,11 +148,11 @@ def _weights(
         w = row_grad[:, None] * tl.exp2((scores - row_stat[:, None]) * LOG2E)
         if CLIP:
             w = tl.where(passes, w, 0.0)
-        if MASKED and MASK_DIAGONAL:
+        if MASKED:
             w = tl.where(diagonal, 0.0, w)
     else:  # SOFTPLUS_NEGATIVES
         w = row_grad[:, None] * tl.sigmoid(scores)
-        if MASKED and MASK_DIAGONAL:
+        if MASKED:
             w = tl.where(diagonal, 0.0, w)
     if MASKED:
         w = tl.where(inside, w, 0.0)
@@ -192,7 +180,7 @@ def _fold_column_tile_into_dq(accumulator, offs_n, rows, C: tl.constexpr, MASKED
     w = _weights(
         dots=dots, scale=rows.scale, offs_m=rows.offs_m, offs_n=offs_n, n_rows=rows.n_rows, n_cols=rows.n_cols,
         row_stat=rows.row_stat, row_grad=rows.row_grad, col_stat=col_stat, col_grad=col_grad, clip=rows.clip,
-        MODE=C.MODE, CLIP=C.CLIP, MASK_DIAGONAL=C.MASK_DIAGONAL, MASKED=MASKED,
+        MODE=C.MODE, CLIP=C.CLIP, MASKED=MASKED,
     )
     return tl.dot(w.to(k_values.dtype), k_values, accumulator, input_precision=C.INPUT_PRECISION)
 
@@ -216,7 +204,7 @@ def _fold_row_tile_into_dk(accumulator, offs_m, cols, C: tl.constexpr, MASKED: t
     w = _weights(
         dots=dots, scale=cols.scale, offs_m=offs_m, offs_n=cols.offs_n, n_rows=cols.n_rows, n_cols=cols.n_cols,
         row_stat=row_stat, row_grad=row_grad, col_stat=cols.col_stat, col_grad=cols.col_grad, clip=cols.clip,
-        MODE=C.MODE, CLIP=C.CLIP, MASK_DIAGONAL=C.MASK_DIAGONAL, MASKED=MASKED,
+        MODE=C.MODE, CLIP=C.CLIP, MASKED=MASKED,
     )
     if C.SINGLE_K and C.BLOCK_DV == C.BLOCK_K:
         q_values = q_block
@@ -233,7 +221,7 @@ def _grad_q_kernel(
     row_stat_ptr, row_grad_ptr,  # (n_rows,) fp32: ℓ_i and a_i
     col_stat_ptr, col_grad_ptr,  # (n_cols,) fp32: λ_j and b_j (CE_ROWS_COLS only)
     n_rows, n_cols, dim, clip,
-    MODE: tl.constexpr, CLIP: tl.constexpr, COLUMN_STATS: tl.constexpr, MASK_DIAGONAL: tl.constexpr,
+    MODE: tl.constexpr, CLIP: tl.constexpr, COLUMN_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
     SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -241,7 +229,7 @@ def _grad_q_kernel(
     _assert_block(BLOCK_N)
     _assert_block(BLOCK_K)
     _assert_block(BLOCK_DV)
-    _assert_backward_constants(MODE, CLIP, COLUMN_STATS, MASK_DIAGONAL)
+    _assert_backward_constants(MODE, CLIP, COLUMN_STATS)
     row0 = tl.program_id(0) * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -260,11 +248,11 @@ def _grad_q_kernel(
     accumulator = _sweep(
         fold_tile=_fold_column_tile_into_dq, state=accumulator, held=rows,
         CONSTANTS=_BackwardConstants(  # built in the call (see kernels.forward)
-            MODE=MODE, CLIP=CLIP, COLUMN_STATS=COLUMN_STATS, MASK_DIAGONAL=MASK_DIAGONAL, BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_DV=BLOCK_DV, SINGLE_K=SINGLE_K, INPUT_PRECISION=INPUT_PRECISION,
+            MODE=MODE, CLIP=CLIP, COLUMN_STATS=COLUMN_STATS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            BLOCK_DV=BLOCK_DV, SINGLE_K=SINGLE_K, INPUT_PRECISION=INPUT_PRECISION,
         ),
         block0=row0, n_swept=n_cols, OWN_BLOCK=BLOCK_M, SWEPT_BLOCK=BLOCK_N,
-        BAND=MASK_DIAGONAL, SPLIT=q_ptr.dtype.element_ty != tl.float32,
+        BAND=True, SPLIT=q_ptr.dtype.element_ty != tl.float32,
     )
     pointers = dq_ptr + offs_m.to(tl.int64)[:, None] * dim + offs_dv[None, :]
     tl.store(pointers, accumulator, mask=(offs_m[:, None] < n_rows) & (offs_dv[None, :] < dim))
@@ -277,7 +265,7 @@ def _grad_k_kernel(
     dk_ptr,  # (n_cols, dim) output σ Wᵀ q, dtype of k
     row_stat_ptr, row_grad_ptr, col_stat_ptr, col_grad_ptr,  # as in _grad_q_kernel
     n_rows, n_cols, dim, clip,
-    MODE: tl.constexpr, CLIP: tl.constexpr, COLUMN_STATS: tl.constexpr, MASK_DIAGONAL: tl.constexpr,
+    MODE: tl.constexpr, CLIP: tl.constexpr, COLUMN_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
     SINGLE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -285,7 +273,7 @@ def _grad_k_kernel(
     _assert_block(BLOCK_N)
     _assert_block(BLOCK_K)
     _assert_block(BLOCK_DV)
-    _assert_backward_constants(MODE, CLIP, COLUMN_STATS, MASK_DIAGONAL)
+    _assert_backward_constants(MODE, CLIP, COLUMN_STATS)
     col0 = tl.program_id(0) * BLOCK_N
     offs_n = col0 + tl.arange(0, BLOCK_N)
     offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -304,11 +292,11 @@ def _grad_k_kernel(
     accumulator = _sweep(
         fold_tile=_fold_row_tile_into_dk, state=accumulator, held=cols,
         CONSTANTS=_BackwardConstants(  # built in the call (see kernels.forward)
-            MODE=MODE, CLIP=CLIP, COLUMN_STATS=COLUMN_STATS, MASK_DIAGONAL=MASK_DIAGONAL, BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_DV=BLOCK_DV, SINGLE_K=SINGLE_K, INPUT_PRECISION=INPUT_PRECISION,
+            MODE=MODE, CLIP=CLIP, COLUMN_STATS=COLUMN_STATS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            BLOCK_DV=BLOCK_DV, SINGLE_K=SINGLE_K, INPUT_PRECISION=INPUT_PRECISION,
         ),
         block0=col0, n_swept=n_rows, OWN_BLOCK=BLOCK_N, SWEPT_BLOCK=BLOCK_M,
-        BAND=MASK_DIAGONAL, SPLIT=q_ptr.dtype.element_ty != tl.float32,
+        BAND=True, SPLIT=q_ptr.dtype.element_ty != tl.float32,
     )
     pointers = dk_ptr + offs_n.to(tl.int64)[:, None] * dim + offs_dv[None, :]
     tl.store(
@@ -332,11 +320,9 @@ def weighted_grads(
     col_grad: torch.Tensor | None = None,
     col_stat: torch.Tensor | None = None,
     clip: float | None = None,
-    mask_diagonal: bool = True,
     weighted_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dσ)`` for the ``mode``'s weights W: σ W k, σ Wᵀ q and Σ_i q_i·(W k)_i.
-    ``mask_diagonal=False`` (``"lse_negatives"``, ``"softplus_negatives"``): every j counts.
     ``weighted_keys``, W k (B, D) fp32 when the forward already formed it, spares the dq sweep."""
     q, k = q.contiguous(), k.contiguous()
     (n_rows, dim), n_cols = q.shape, k.shape[0]
@@ -363,7 +349,6 @@ def weighted_grads(
         MODE=MODES[mode],
         CLIP=clip is not None,
         COLUMN_STATS=col_stat is not None,
-        MASK_DIAGONAL=mask_diagonal,
         BLOCK_DV=dv,
         **tuning.shape_constants(dim, q.dtype),
     )

@@ -42,8 +42,8 @@ def _forward(*, weighted_keys: bool) -> dict:
     return {"REDUCTION": tiles.REDUCTIONS["lse"], "MASK_DIAGONAL": False, "CLIP": False, "WEIGHTED_KEYS": weighted_keys}
 
 
-def _backward(mode: str, *, clip: bool = False, column_stats: bool = False, mask_diagonal: bool = True) -> dict:
-    return {"MODE": tiles.MODES[mode], "CLIP": clip, "COLUMN_STATS": column_stats, "MASK_DIAGONAL": mask_diagonal}
+def _backward(mode: str, *, clip: bool = False, column_stats: bool = False) -> dict:
+    return {"MODE": tiles.MODES[mode], "CLIP": clip, "COLUMN_STATS": column_stats}
 
 
 # name: (kernel, dtype, D, (BLOCK_M, BLOCK_N), constexprs, the assertion's message)
@@ -60,8 +60,6 @@ _INVARIANTS = {
                      "column statistics are read for CE_ROWS_COLS only"),
     "clip": ("grad_k", "bfloat16", 128, (64, 64), _backward("softplus_negatives", clip=True),
              "CLIP applies to LSE_NEGATIVES only"),
-    "cross-entropy-diagonal": ("grad_q", "bfloat16", 128, (64, 64), _backward("ce_rows", mask_diagonal=False),
-                               "the cross-entropy modes hold their positives on the diagonal"),
 }  # fmt: skip
 
 
