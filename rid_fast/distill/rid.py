@@ -54,6 +54,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,9 @@ from rid_fast.distill._checks import check_int, check_number
 from rid_fast.distill.schedule import RIDSchedule
 from rid_fast.mi import estimators
 from rid_fast.mi.critics import CosineCritic
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "RIDLoss",
@@ -308,7 +312,7 @@ class RIDLoss(nn.Module):
         min_variance: float = 1e-3,
         learn_temperature: bool = False,
         variant: str = "rid_fast",
-        group=None,
+        group: ProcessGroup | None = None,
         gather: str = "ring",
     ) -> None:
         super().__init__()

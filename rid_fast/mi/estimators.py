@@ -25,7 +25,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ from rid_fast.ops.distributed import GATHERS, check_group
 
 #: τ of a critic given by name.
 DEFAULT_TEMPERATURE = 0.1
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["MIEstimator", "InfoNCE", "NWJ", "DV", "SMILE", "JS", "MINE", "make_critic"]
 
@@ -83,7 +86,7 @@ class MIEstimator(nn.Module):
         temperature: float | None = None,
         impl: str = "auto",
         check_values: bool = True,
-        group=None,
+        group: ProcessGroup | None = None,
         gather: str = "ring",
     ) -> None:
         super().__init__()

@@ -60,6 +60,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,9 @@ from rid_fast.ops.dispatch import (
     resolve_impl,
     wants_grad,
 )
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["ESTIMATORS", "SMILE_GRADIENTS", "infonce", "nwj", "dv", "smile", "js", "mi_bound", "estimate"]
 
@@ -232,7 +236,7 @@ def estimate(
     *,
     impl: str = "auto",
     check_values: bool = True,
-    group=None,
+    group: ProcessGroup | None = None,
     gather: str = "ring",
     **options,
 ):
@@ -336,7 +340,7 @@ def infonce(
     symmetric: bool = False,
     impl: str = "auto",
     check_values: bool = True,
-    group=None,
+    group: ProcessGroup | None = None,
     gather: str = "ring",
 ) -> Tensor:
     r"""InfoNCE (van den Oord et al. 2018): :math:`\hat I = \frac1B\sum_i \big[s_{ii} -
@@ -376,7 +380,7 @@ def nwj(
     critic: str = "dot",
     impl: str = "auto",
     check_values: bool = True,
-    group=None,
+    group: ProcessGroup | None = None,
     gather: str = "ring",
 ) -> Tensor:
     r"""NWJ / f-divergence bound (Nguyen, Wainwright & Jordan 2010):
@@ -408,7 +412,7 @@ def dv(
     critic: str = "dot",
     impl: str = "auto",
     check_values: bool = True,
-    group=None,
+    group: ProcessGroup | None = None,
     gather: str = "ring",
 ) -> Tensor:
     r"""Donsker–Varadhan bound (the value MINE maximises):
@@ -444,7 +448,7 @@ def smile(
     gradient: str = "js",
     impl: str = "auto",
     check_values: bool = True,
-    group=None,
+    group: ProcessGroup | None = None,
     gather: str = "ring",
 ) -> Tensor:
     r"""SMILE (Song & Ermon 2020): the value of DV with the partition's scores clipped to
@@ -489,7 +493,7 @@ def js(
     critic: str = "dot",
     impl: str = "auto",
     check_values: bool = True,
-    group=None,
+    group: ProcessGroup | None = None,
     gather: str = "ring",
 ) -> Tensor:
     r"""Jensen–Shannon (f-GAN) objective: :math:`\hat J = \operatorname{mean}_i[-\mathrm{softplus}(-s_{ii})]
