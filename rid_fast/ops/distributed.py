@@ -97,8 +97,9 @@ def agree(
     on GPUs). ``fields`` maps a name to a number or a one-element tensor (e.g. a learnable
     temperature, read on the device); ``local_error`` is this process's reason to reject its inputs,
     if any: the process still joins the gather, so that every process raises instead of the others
-    waiting for it in a later collective. Raises the same ``ValueError`` on every process when one
-    rejected its inputs or the fields differ, naming the field and every process's value.
+    waiting for it in a later collective. When the fields differ, raises the same ``ValueError`` on
+    every process, naming the field and every process's value; when processes rejected their
+    inputs, each of them raises its own ``local_error`` and the others a ``ValueError`` naming them.
     """
     names = list(fields)
     entries = [torch.as_tensor(fields[name], dtype=torch.float64).detach().reshape(()).to(device) for name in names]
