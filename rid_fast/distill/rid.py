@@ -54,6 +54,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,9 @@ from rid_fast.distill._checks import check_int, check_number
 from rid_fast.distill.schedule import RIDSchedule
 from rid_fast.mi import estimators
 from rid_fast.mi.critics import CosineCritic
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "RIDLoss",
@@ -212,6 +216,8 @@ class _LayerPair(nn.Module):
         impl,
         grid,
         min_variance,
+        group,
+        gather,
     ):
         super().__init__()
         paper = variant == "paper"
@@ -227,7 +233,7 @@ class _LayerPair(nn.Module):
             self.redundancy = GaussianRedundancy(channels, min_variance=min_variance)
         else:
             critic = CosineCritic(temperature, learnable=learn_temperature)
-            self.redundancy = _CONTRASTIVE[estimator](critic, impl=impl, check_values=False)
+            self.redundancy = _CONTRASTIVE[estimator](critic, impl=impl, check_values=False, group=group, gather=gather)
         self.contrastive = estimator != "gaussian"
         if paper:
             for module in (self.teacher_filter, self.head, self.student_filter):
@@ -279,6 +285,11 @@ class RIDLoss(nn.Module):
         variant: ``"rid_fast"`` (default) or ``"paper"``, the official code's system (module notes);
             ``"paper"`` refuses ``estimator``, ``filter_channels``, ``filter_hidden``, ``grid`` and
             ``min_variance`` at anything but their defaults.
+        group, gather: a contrastive estimator's process group and how keys travel (see
+            :mod:`rid_fast.mi.functional`): under data parallelism its estimate is over the global
+            batch, with gradients in DDP's averaging convention. The Gaussian term is a mean over
+            each process's own rows (DDP's average of it is the global mean when the processes
+            hold equal batches) and takes no group.
 
     Shape: ``teacher_feats[k]`` (B, *teacher_shapes[k]), ``student_feats[k]`` (B, *student_shapes[k]),
     ``labels`` (B,) class indices; a wrong layer count, shape or batch size is a ``ValueError``
@@ -301,6 +312,8 @@ class RIDLoss(nn.Module):
         min_variance: float = 1e-3,
         learn_temperature: bool = False,
         variant: str = "rid_fast",
+        group: ProcessGroup | None = None,
+        gather: str = "ring",
     ) -> None:
         super().__init__()
         if len(teacher_shapes) != len(student_shapes) or not teacher_shapes:
@@ -355,6 +368,8 @@ class RIDLoss(nn.Module):
                 impl=impl,
                 grid=grid,
                 min_variance=min_variance,
+                group=group,
+                gather=gather,
             )
             for t, s in zip(self.teacher_shapes, self.student_shapes)
         )

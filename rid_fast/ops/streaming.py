@@ -421,15 +421,18 @@ def cross_entropy_rows_cols_backward(
 
 @torch.no_grad()
 def lse_negatives_forward(
-    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, clip: float | None = None
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, clip: float | None = None, diagonal: bool = True
 ) -> torch.Tensor:
     r"""Row log-sum-exp over the negatives, :math:`\ell_i = \log \sum_{j \ne i} e^{c(S_{ij})}`, with
     :math:`c` the clamp to :math:`[-\text{clip}, \text{clip}]` when ``clip`` is given.
 
-    Shapes: q (B, D), k (N, D), N ≥ 2, scale () → (B,) in the compute dtype.
+    ``diagonal=False`` says that this block of keys holds no positive (a block of another process's
+    keys, :mod:`rid_fast.ops.distributed`): every j is a negative, :math:`\log\sum_j e^{c(S_{ij})}`.
+
+    Shapes: q (B, D), k (N, D), N ≥ 2 (N ≥ 1 without the diagonal), scale () → (B,) in the compute dtype.
     """
     q_s, k_c = _prepare(q, k, scale)
-    return _lse_rows(q_s, k_c, mask_diagonal=True, clip=clip)
+    return _lse_rows(q_s, k_c, mask_diagonal=diagonal, clip=clip)
 
 
 @torch.no_grad()
@@ -440,9 +443,11 @@ def lse_negatives_backward(
     scale: torch.Tensor,
     lse: torch.Tensor,
     clip: float | None = None,
+    diagonal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Gradients of :math:`\sum_i g_i \ell_i`: :math:`W_{ij} = g_i\, e^{c(S_{ij}) - \ell_i}\, c'(S_{ij})`
-    for :math:`j \ne i`, zero on the diagonal."""
+    for :math:`j \ne i`, zero on the diagonal (every j with ``diagonal=False``). ``lse`` need not be
+    this block's own: with the log-sum-exp over every block of keys, W is this block's share of it."""
     shift = lse.to(compute_dtype(q.dtype)).unsqueeze(1)
 
     def make_weights_(tile: torch.Tensor, rows: slice, cols: slice) -> None:
@@ -453,8 +458,8 @@ def lse_negatives_backward(
         _exp_shifted_(tile, shift[rows])
         if inside is not None:
             tile.mul_(inside)
-        if (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
-            diagonal.zero_()
+        if diagonal and (tile_diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
+            tile_diagonal.zero_()
 
     return _backprop_tiles(q, k, scale, make_weights_, row_scale=grad)
 
@@ -470,8 +475,11 @@ def _softplus_threshold(dtype: torch.dtype) -> float:
 
 
 @torch.no_grad()
-def softplus_negatives_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    r""":math:`\sigma_i = \sum_{j \ne i} \mathrm{softplus}(S_{ij})`.
+def softplus_negatives_forward(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, diagonal: bool = True
+) -> torch.Tensor:
+    r""":math:`\sigma_i = \sum_{j \ne i} \mathrm{softplus}(S_{ij})` (every j with ``diagonal=False``,
+    as :func:`lse_negatives_forward`).
 
     Shapes: q (B, D), k (N, D), N ≥ 2, scale () → (B,) in the compute dtype.
     """
@@ -480,8 +488,8 @@ def softplus_negatives_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Te
     values = torch.empty_like(tiles.buffer)
     sums = q_s.new_zeros(q.shape[0])
     for rows, cols, tile in tiles:
-        if (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
-            diagonal.fill_(-math.inf)  # softplus(-inf) = 0
+        if diagonal and (tile_diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
+            tile_diagonal.fill_(-math.inf)  # softplus(-inf) = 0
         softplus = values[: tile.shape[0], : tile.shape[1]]
         torch.ops.aten.softplus.out(tile, 1.0, _softplus_threshold(tile.dtype), out=softplus)
         sums[rows] += softplus.sum(1)
@@ -490,13 +498,14 @@ def softplus_negatives_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Te
 
 @torch.no_grad()
 def softplus_negatives_backward(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, diagonal: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Gradients of :math:`\sum_i g_i \sigma_i`: :math:`W_{ij} = g_i\,\mathrm{sigmoid}(S_{ij})`, j ≠ i."""
+    r"""Gradients of :math:`\sum_i g_i \sigma_i`: :math:`W_{ij} = g_i\,\mathrm{sigmoid}(S_{ij})`, j ≠ i
+    (every j with ``diagonal=False``)."""
 
     def make_weights_(tile: torch.Tensor, rows: slice, cols: slice) -> None:
         tile.sigmoid_()
-        if (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
-            diagonal.zero_()
+        if diagonal and (tile_diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
+            tile_diagonal.zero_()
 
     return _backprop_tiles(q, k, scale, make_weights_, row_scale=grad)
