@@ -16,9 +16,12 @@
 // order at the end. No atomics. Results are bitwise equal from run to run and for any number of
 // threads on one machine (the compiler's vector width is fixed per build).
 //
-// Each pair's H loop is written over LANES explicit lanes (64 bytes: one AVX-512 register, two
-// AVX2 ones) whose partial sums are added in a fixed tree at the end, so the vectorised loop needs
-// no reassociation (no -ffast-math) and every pair is summed in the same order wherever it lies.
+// Each pair's H loop runs over vectors of the target's widest registers (GCC/Clang vector
+// extensions: 64 bytes with AVX-512, 32 with AVX, 16 otherwise), lane l summing h = l, l + L, …;
+// the lanes are added in a fixed tree at the end. The vectorisation is written out, not left to
+// the auto-vectoriser, and needs no reassociation (no -ffast-math): every pair is summed in the
+// same order wherever it lies. (A vector wider than the registers would not do: GCC lowers its
+// comparisons, the relu, to scalar code.) Python pads H to 64 bytes, a multiple of every width.
 
 #include <torch/extension.h>
 
@@ -26,13 +29,52 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
 
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+
 template <typename T>
-constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
+constexpr int kLanes = kVectorBytes / static_cast<int>(sizeof(T));
+
+// One register of T, one lane per element.
+template <typename T>
+struct VectorOf {
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+};
+template <typename T>
+using Vec = typename VectorOf<T>::type;
+
+template <typename T>
+inline Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));  // unaligned load
+  return v;
+}
+
+template <typename T>
+inline void store(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+inline Vec<T> broadcast(T x) {
+  return Vec<T>{} + x;
+}
+
+template <typename T>
+inline Vec<T> relu(Vec<T> z) {
+  return z > T(0) ? z : Vec<T>{};
+}
 
 // Tile of the score matrix one thread works on at a time: TILE_ROWS x TILE_COLS scores (8 KiB in
 // float), its rows of a and columns of c (with H = 256: 32 KiB and 64 KiB) stay in L1/L2.
@@ -45,13 +87,10 @@ enum RowReduction : int64_t { kRowLse = 0, kRowLseNegatives = 1, kRowSoftplusNeg
 enum WeightKind : int64_t { kCrossEntropy = 0, kLseNegatives = 1, kSoftplusNegatives = 2 };
 
 template <typename T>
-inline T relu(T z) {
-  return z > T(0) ? z : T(0);
-}
-
-template <typename T>
-inline T horizontal_sum(T* lanes) {
-  // A fixed tree: the same order for every pair, whatever the compiler does with the lanes.
+inline T horizontal_sum(Vec<T> v) {
+  // A fixed tree: the same order for every pair.
+  T lanes[kLanes<T>];
+  store(lanes, v);
   for (int width = kLanes<T> / 2; width > 0; width /= 2) {
     for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
   }
@@ -63,16 +102,11 @@ inline T horizontal_sum(T* lanes) {
 template <typename T, int NC>
 inline void score_row_against(const T* a_i, const T* const* c_rows, const T* w, int64_t hp, T b2, T* out) {
   constexpr int L = kLanes<T>;
-  T acc[NC][L];
-  for (int r = 0; r < NC; ++r) {
-    for (int l = 0; l < L; ++l) acc[r][l] = T(0);
-  }
+  Vec<T> acc[NC];
+  for (int r = 0; r < NC; ++r) acc[r] = Vec<T>{};
   for (int64_t h = 0; h < hp; h += L) {
-    for (int r = 0; r < NC; ++r) {
-      const T* c_r = c_rows[r] + h;
-#pragma omp simd
-      for (int l = 0; l < L; ++l) acc[r][l] += w[h + l] * relu(a_i[h + l] + c_r[l]);
-    }
+    const Vec<T> w_h = load(w + h), a_h = load(a_i + h);
+    for (int r = 0; r < NC; ++r) acc[r] += w_h * relu<T>(a_h + load(c_rows[r] + h));
   }
   for (int r = 0; r < NC; ++r) out[r] = horizontal_sum<T>(acc[r]) + b2;
 }
@@ -128,7 +162,7 @@ template <typename T>
 Problem check_inputs(const at::Tensor& a, const at::Tensor& c, const at::Tensor& w, const at::Tensor& b2) {
   TORCH_CHECK(a.dim() == 2 && c.dim() == 2 && w.dim() == 1 && b2.dim() == 0, "a (B, H), c (N, H), w (H,), b2 ()");
   TORCH_CHECK(a.size(1) == c.size(1) && a.size(1) == w.size(0), "a, c and w must have the same H");
-  TORCH_CHECK(a.size(1) % kLanes<T> == 0, "H must be padded to a multiple of the lane count");
+  TORCH_CHECK(a.size(1) % kLanes<T> == 0, "H must be padded to a multiple of the vector width");
   for (const at::Tensor* t : {&a, &c, &w, &b2}) {
     TORCH_CHECK(t->is_contiguous() && t->device().is_cpu() && t->scalar_type() == a.scalar_type(),
                 "contiguous CPU tensors of one dtype");
@@ -309,24 +343,17 @@ void backward_rows(const T* a, const T* c, const T* w, T b2, const Problem& p, c
         const T* a_i = a + i * p.hp;
         T* da_i = da + i * p.hp;
         for (int64_t h = 0; h < p.hp; h += L) {
-          T d_pre[L], d_w[L];
-          for (int l = 0; l < L; ++l) d_pre[l] = T(0), d_w[l] = T(0);
+          const Vec<T> a_h = load(a_i + h);
+          Vec<T> d_pre{}, d_w{};
           for (int64_t j = j0; j < j1; ++j) {
             const T weight = row[j];
             if (weight == T(0)) continue;  // the diagonal of off-diagonal sums, clipped scores
-            const T* c_j = c + j * p.hp + h;
-#pragma omp simd
-            for (int l = 0; l < L; ++l) {
-              const T z = a_i[h + l] + c_j[l];
-              d_pre[l] += z > T(0) ? weight : T(0);
-              d_w[l] += weight * relu(z);
-            }
+            const Vec<T> z = a_h + load(c + j * p.hp + h), weights = broadcast(weight);
+            d_pre += z > T(0) ? weights : Vec<T>{};
+            d_w += weights * relu<T>(z);
           }
-#pragma omp simd
-          for (int l = 0; l < L; ++l) {
-            da_i[h + l] += d_pre[l];
-            dw[h + l] += d_w[l];
-          }
+          store(da_i + h, load(da_i + h) + d_pre);
+          store(dw + h, load(dw + h) + d_w);
         }
         for (int64_t j = j0; j < j1; ++j) db += row[j];
       }
@@ -354,17 +381,14 @@ void backward_cols(const T* a, const T* c, const T* w, T b2, const Problem& p, c
         const T* c_j = c + j * p.hp;
         T* dc_j = dc + j * p.hp;
         for (int64_t h = 0; h < p.hp; h += L) {
-          T d_pre[L];
-          for (int l = 0; l < L; ++l) d_pre[l] = T(0);
+          const Vec<T> c_h = load(c_j + h);
+          Vec<T> d_pre{};
           for (int64_t i = i0; i < i1; ++i) {
             const T weight = column[i * kTileCols];
             if (weight == T(0)) continue;
-            const T* a_i = a + i * p.hp + h;
-#pragma omp simd
-            for (int l = 0; l < L; ++l) d_pre[l] += a_i[l] + c_j[h + l] > T(0) ? weight : T(0);
+            d_pre += load(a + i * p.hp + h) + c_h > T(0) ? broadcast(weight) : Vec<T>{};
           }
-#pragma omp simd
-          for (int l = 0; l < L; ++l) dc_j[h + l] += d_pre[l];
+          store(dc_j + h, load(dc_j + h) + d_pre);
         }
       }
     }
@@ -460,8 +484,7 @@ std::vector<at::Tensor> backward(const at::Tensor& a, const at::Tensor& c, const
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   auto release = py::call_guard<py::gil_scoped_release>();
-  m.attr("LANES_FLOAT") = kLanes<float>;
-  m.attr("LANES_DOUBLE") = kLanes<double>;
+  m.attr("VECTOR_BYTES") = kVectorBytes;
   m.attr("TILE_ROWS") = kTileRows;
   m.attr("TILE_COLS") = kTileCols;
   m.def("row_statistics", &row_statistics, release,

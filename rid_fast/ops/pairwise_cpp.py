@@ -34,7 +34,6 @@ import os
 import platform
 import shutil
 import sys
-from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
@@ -60,7 +59,8 @@ __all__ = [
 #: The kernel's source, installed with the package.
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "pairwise_critic.cpp"
 
-#: Lanes of the kernel's H loop (64 bytes): H is padded to a multiple (padded w₂ entries are 0).
+#: H is padded with zeros (w₂ too, so they add nothing) to a multiple of 64 bytes: a whole number
+#: of the kernel's vectors, whatever the target's width.
 _LANES = {torch.float32: 16, torch.float64: 8}
 
 # The row_statistics reductions and backward weight kinds of the C++ source.
@@ -79,8 +79,12 @@ def _cpu_identity() -> str:
 
 
 def _flags() -> list[str]:
-    march = [] if os.environ.get("RID_FAST_PAIRWISE_MARCH", "native") == "portable" else ["-march=native"]
-    return ["-O3", "-fopenmp", *march]
+    if os.environ.get("RID_FAST_PAIRWISE_MARCH", "native") == "portable":
+        return ["-O3", "-fopenmp"]
+    # Some -mtune targets (znver1, skylake-avx512) prefer vectors narrower than the ISA's; the
+    # kernel's explicit 64-byte vectors then split into more, smaller instructions than needed.
+    wide = ["-mprefer-vector-width=512"] if platform.machine().lower() in ("x86_64", "amd64") else []
+    return ["-O3", "-fopenmp", "-march=native", *wide]
 
 
 def cache_dir() -> Path:
@@ -100,9 +104,20 @@ def build_name() -> str:
     return f"rid_fast_pairwise_{key.hexdigest()[:16]}"
 
 
-@lru_cache(maxsize=1)
-def _load() -> tuple[ModuleType | None, str]:
-    """Build (or load the cached build of) the extension once per process: (module, why) or (None, why not)."""
+#: (module, why) or (None, why not) once the first call has tried; a plain module attribute rather
+#: than a cache decorator, so that torch.compile reads it as a constant inside a traced model.
+_STATE: tuple[ModuleType | None, str] | None = None
+
+
+def _state() -> tuple[ModuleType | None, str]:
+    """The extension and why, trying to build (or load the cached build of) it once per process."""
+    global _STATE
+    if _STATE is None:
+        _STATE = _build()
+    return _STATE
+
+
+def _build() -> tuple[ModuleType | None, str]:
     if os.environ.get("RID_FAST_PAIRWISE_CPP", "1") == "0":
         return None, "switched off (RID_FAST_PAIRWISE_CPP=0)"
     compiler = os.environ.get("CXX", "c++")
@@ -125,14 +140,19 @@ def _load() -> tuple[ModuleType | None, str]:
             verbose=False,
         )
     except Exception as error:  # a failed compile or link: say what failed, run the PyTorch path
-        message = " ".join(str(error).split())
-        return None, f"the build failed ({type(error).__name__}: {message[:300]}); build directory {directory}"
+        lines = str(error).splitlines()
+        # The compiler's first error says more than ninja's command line that precedes it.
+        first_error = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")
+        return None, (
+            f"the build failed ({type(error).__name__}: {' '.join(first_error.split())[:300]}); "
+            f"build directory {directory}"
+        )
     return module, f"compiled with {compiler} {' '.join(_flags())}, cached in {directory}"
 
 
 def load() -> ModuleType:
     """The compiled extension (built on first use); ``RuntimeError`` with the reason if it cannot be."""
-    module, why = _load()
+    module, why = _state()
     if module is None:
         raise RuntimeError(f"the pairwise-MLP critic's C++ kernel is unavailable: {why}")
     return module
@@ -140,7 +160,7 @@ def load() -> ModuleType:
 
 def status() -> tuple[bool, str]:
     """Whether the C++ kernel is available (building it if need be), and why (not)."""
-    module, why = _load()
+    module, why = _state()
     return module is not None, why
 
 
