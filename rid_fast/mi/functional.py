@@ -24,7 +24,14 @@ differentiable scalar in fp32 (fp64 for fp64 inputs):
 * ``"triton"`` — fused Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``); under
   autograd with 16-bit inputs and D ≤ 128 the forward of the one-sided estimators also forms
   dq's weighted keys, so the backward sweeps once (for dk) instead of twice;
-* ``"reference"`` — plain PyTorch that materialises the B×N scores (the oracle, for tests).
+* ``"reference"`` — plain PyTorch that materialises the B×N scores (the oracle, for tests);
+* ``"cpp"`` — the pairwise-MLP critic's compiled CPU kernel (:class:`~rid_fast.mi.critics.ConcatCritic`
+  only; see :mod:`rid_fast.ops.pairwise_cpp`).
+
+With :class:`~rid_fast.mi.critics.ConcatCritic` (through :func:`estimate` and the estimator
+modules) ``"auto"`` is the C++ kernel on CPU tensors — compiled on first use, the blocked PyTorch
+path (``"torch"``, :mod:`rid_fast.ops.pairwise_streaming`) where it cannot be built — and the
+Triton kernels on CUDA tensors; ``"reference"`` materialises the B × N × H hidden layer.
 
 ``check_values`` (default True) rejects NaN/Inf inputs and a non-positive tensor temperature; it
 costs one pass over the inputs and, on GPU, a device sync, and is skipped under ``torch.compile``.
@@ -52,8 +59,7 @@ from torch import Tensor
 
 from rid_fast.mi import reference
 from rid_fast.mi.critics import CRITICS, Critic, critic_factors
-from rid_fast.ops import library
-from rid_fast.ops.common import diagonal_scores
+from rid_fast.mi.scores import FactoredScores, PairwiseScores, SeparableScores
 from rid_fast.ops.dispatch import (
     check_bool,
     check_choice,
@@ -61,75 +67,48 @@ from rid_fast.ops.dispatch import (
     check_positive,
     check_temperature,
     resolve_impl,
-    wants_grad,
-    weighted_keys_in_forward,
+    resolve_pairwise_impl,
 )
-from rid_fast.ops.streaming import one_sweep_pays
 
 __all__ = ["ESTIMATORS", "SMILE_GRADIENTS", "infonce", "nwj", "dv", "smile", "js", "mi_bound", "estimate"]
 
 
-# ---- estimator terms from the factors of S = σ q kᵀ (streaming / Triton backends) ----------
+# ---- estimator terms from the factored scores (fast backends; formulas in rid_fast.mi.scores' terms) ----
 
 
-def _row_statistic(op: Callable, weighted_op: Callable, q: Tensor, k: Tensor, scale: Tensor, *args) -> Tensor:
-    """``op(q, k, scale, *args)`` — or, when training on the Triton backend where the forward can
-    also form dq's weighted keys, the same statistic from ``weighted_op`` (whose backward then
-    sweeps only for dk). ``args`` end with the backend."""
-    if weighted_keys_in_forward(q, k, scale, args[-1]):
-        return weighted_op(q, k, scale, *args)[0]
-    return op(q, k, scale, *args)
-
-
-def log_mean_exp_negatives(q: Tensor, k: Tensor, scale: Tensor, backend: str, clip: float | None = None) -> Tensor:
+def log_mean_exp_negatives(scores: FactoredScores, clip: float | None = None) -> Tensor:
     r""":math:`\log \operatorname{mean}_{i\ne j} e^{c(s_{ij})}` from per-row off-diagonal log-sum-exps."""
-    n_queries, n_keys = q.shape[0], k.shape[0]
-    row_lse = _row_statistic(
-        library.lse_negatives, library.lse_negatives_with_weighted_keys, q, k, scale, clip, backend
-    )
+    row_lse = scores.lse_negatives(clip)
     # O(B) work: combine the rows in float64 so that only the per-row statistics carry fp32 roundoff
     # (NWJ exponentiates this value, turning absolute error into relative error).
-    total = torch.logsumexp(row_lse.double(), dim=0) - math.log(n_queries * (n_keys - 1))
+    total = torch.logsumexp(row_lse.double(), dim=0) - math.log(scores.n_queries * (scores.n_keys - 1))
     return total.to(row_lse.dtype)
 
 
-def _one_sweep(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> bool:
-    """Train InfoNCE with gradients from the forward's sweep (streaming backend, autograd on, and
-    a shape where that is faster)."""
-    return backend == "torch" and wants_grad(q, k, scale) and one_sweep_pays(q.shape[0], k.shape[0], q.dtype)
-
-
-def _infonce_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str, symmetric: bool = False) -> Tensor:
+def _infonce_factors(scores: FactoredScores, symmetric: bool = False) -> Tensor:
     # InfoNCE is minus the mean cross-entropy of each row against its diagonal target, plus log N.
     if symmetric:
-        loss_rows, loss_cols = library.cross_entropy_rows_cols(q, k, scale, backend)
-        loss = 0.5 * (loss_rows + loss_cols)
-    elif _one_sweep(q, k, scale, backend):
-        # Training on the streaming path: the gradients come from the forward's own sweep.
-        loss = library.cross_entropy_rows_mean_with_grad(q, k, scale)[0]
+        loss_rows, loss_cols = scores.cross_entropy_rows_cols()
+        loss = (0.5 * (loss_rows + loss_cols)).mean()
     else:
-        loss = _row_statistic(
-            library.cross_entropy_rows, library.cross_entropy_rows_with_weighted_keys, q, k, scale, backend
-        )
-    return math.log(k.shape[0]) - loss.mean()
+        loss = scores.mean_cross_entropy_rows()
+    return math.log(scores.n_keys) - loss
 
 
-def _nwj_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> Tensor:
-    log_partition = log_mean_exp_negatives(q, k, scale, backend)
-    return diagonal_scores(q, k, scale).mean() - torch.exp(log_partition.double() - 1.0).to(log_partition.dtype)
+def _nwj_factors(scores: FactoredScores) -> Tensor:
+    log_partition = log_mean_exp_negatives(scores)
+    return scores.positives().mean() - torch.exp(log_partition.double() - 1.0).to(log_partition.dtype)
 
 
-def _dv_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> Tensor:
-    return diagonal_scores(q, k, scale).mean() - log_mean_exp_negatives(q, k, scale, backend)
+def _dv_factors(scores: FactoredScores) -> Tensor:
+    return scores.positives().mean() - log_mean_exp_negatives(scores)
 
 
-def _clipped_dv_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str, clip: float) -> Tensor:
-    return diagonal_scores(q, k, scale).mean() - log_mean_exp_negatives(q, k, scale, backend, clip)
+def _clipped_dv_factors(scores: FactoredScores, clip: float) -> Tensor:
+    return scores.positives().mean() - log_mean_exp_negatives(scores, clip)
 
 
-def _smile_factors(
-    q: Tensor, k: Tensor, scale: Tensor, backend: str, clip: float = 5.0, gradient: str = "js"
-) -> Tensor:
+def _smile_factors(scores: FactoredScores, clip: float = 5.0, gradient: str = "js") -> Tensor:
     """SMILE's value (the clipped DV) with JS's gradient, or with its own for ``gradient="clipped_dv"``.
 
     Under autograd with JS's gradient the forward sweeps the scores twice — the clipped
@@ -142,20 +121,16 @@ def _smile_factors(
     non-differentiable). That would save one of the forward's two sweeps; the backward would not
     change.
     """
-    if gradient == "clipped_dv" or not wants_grad(q, k, scale):
-        return _clipped_dv_factors(q, k, scale, backend, clip)
+    if gradient == "clipped_dv" or not scores.wants_grad():
+        return _clipped_dv_factors(scores, clip)
     with torch.no_grad():
-        value = _clipped_dv_factors(q, k, scale, backend, clip)
-    return reference.value_with_gradient_of(value, _js_factors(q, k, scale, backend))
+        value = _clipped_dv_factors(scores, clip)
+    return reference.value_with_gradient_of(value, _js_factors(scores))
 
 
-def _js_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> Tensor:
-    n_queries, n_keys = q.shape[0], k.shape[0]
-    positives = -F.softplus(-diagonal_scores(q, k, scale)).mean()
-    sums = _row_statistic(
-        library.softplus_negatives, library.softplus_negatives_with_weighted_keys, q, k, scale, backend
-    )
-    negatives = sums.sum() / (n_queries * (n_keys - 1))
+def _js_factors(scores: FactoredScores) -> Tensor:
+    positives = -F.softplus(-scores.positives()).mean()
+    negatives = scores.softplus_negatives().sum() / (scores.n_queries * (scores.n_keys - 1))
     return positives - negatives
 
 
@@ -181,8 +156,8 @@ def _check_smile_options(*, clip: float = 5.0, gradient: str = "js") -> None:
 @dataclass(frozen=True)
 class Estimator:
     """How one estimator is computed: from a materialised score matrix (the oracle) and from the
-    factors of S = σ q kᵀ with a streaming/fused backend; ``check_options(**options)`` validates
-    its keyword options."""
+    factored scores (:class:`rid_fast.mi.scores.FactoredScores`) with a streaming/fused backend;
+    ``check_options(**options)`` validates its keyword options."""
 
     from_scores: Callable[..., Tensor]
     from_factors: Callable[..., Tensor]
@@ -207,8 +182,8 @@ def _dv_terms_from_scores(scores: Tensor) -> tuple[Tensor, Tensor]:
     return scores.diagonal().mean(), reference.log_mean_exp_negatives(scores)
 
 
-def _dv_terms_from_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    return diagonal_scores(q, k, scale).mean(), log_mean_exp_negatives(q, k, scale, backend)
+def _dv_terms_from_factors(scores: FactoredScores) -> tuple[Tensor, Tensor]:
+    return scores.positives().mean(), log_mean_exp_negatives(scores)
 
 
 #: DV's two terms apart, (mean positive score, log mean exp of the negatives): what MINE needs to
@@ -221,6 +196,7 @@ class NamedCritic:
     or a one-element tensor, learnable), with the interface of :class:`rid_fast.mi.critics.Critic`."""
 
     separable = True
+    pairwise = False
     same_features = True
     x_dim = y_dim = None
 
@@ -253,8 +229,9 @@ def estimate(
     ``critic``, pick the implementation, and evaluate ``estimator`` (a name of
     :data:`ESTIMATORS`, or an :class:`Estimator`) with ``options``.
 
-    Separable critics run on the streaming or fused backends from their factors (q, k, σ); the
-    reference implementation and non-separable critics reduce the materialised score matrix.
+    Separable critics run on the streaming or fused backends from their factors (q, k, σ), the
+    pairwise-MLP critic (``critic.pairwise``) from its factors (a, c, w₂, b₂); the reference
+    implementation, and any other critic, reduce the materialised score matrix.
     """
     if isinstance(estimator, str):
         check_choice("estimator", estimator, ESTIMATORS)
@@ -276,11 +253,13 @@ def estimate(
         needs_negatives=estimator.needs_negatives,
         check_values=check_values,
     )
-    backend = resolve_impl(impl, x.device, x.dtype)
-    if backend == "reference" or not critic.separable:
+    backend = (resolve_pairwise_impl if critic.pairwise else resolve_impl)(impl, x.device, x.dtype)
+    if backend == "reference" or not (critic.separable or critic.pairwise):
         return estimator.from_scores(critic.scores(x, y), **options)
+    if critic.pairwise:
+        return estimator.from_factors(PairwiseScores(*critic.pairwise_factors(x, y), backend), **options)
     q, k, scale = critic.factors(x, y)
-    return estimator.from_factors(*autocast_factors(q, k, backend), scale, backend, **options)
+    return estimator.from_factors(SeparableScores(*autocast_factors(q, k, backend), scale, backend), **options)
 
 
 def _named(
