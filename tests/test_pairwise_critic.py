@@ -203,6 +203,16 @@ def test_op_gradcheck(monkeypatch, label, backend):
     assert torch.autograd.gradcheck(lambda *t: op(*t, *options.values(), backend), factors)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label", OPS)
+def test_op_passes_opcheck(label, backend):
+    """Schema, fake implementation and autograd registration agree with the real op."""
+    name, options = OPS[label]
+    factors = [t.float().requires_grad_(True) for t in _inputs(3, 3 if label == "cross_entropy_rows_cols" else 5, 4)]
+    op = getattr(torch.ops.rid_fast, f"pairwise_{name}").default
+    torch.library.opcheck(op, (*factors, *options.values(), backend))
+
+
 # ---- through the estimators ---------------------------------------------------------------------
 
 #: label → (module class, options, (B, N, H) shapes; B = 1 where the estimator allows it).
