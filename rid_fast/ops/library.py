@@ -116,10 +116,12 @@ class _Family:
     check: Callable[..., None] | None = None
 
 
+# The backend functions are looked up when an op runs, not bound here, so that a substitute for
+# them (a test recording which backend ran) takes effect.
 #: Scores σ q kᵀ: (q (B, D), k (N, D), scale ()).
-_SEPARABLE = _Family("", ("q", "k", "scale"), _backend)
+_SEPARABLE = _Family("", ("q", "k", "scale"), lambda name: _backend(name))
 #: Scores w2ᵀ relu(a_i + c_j) + b2: (a (B, H), c (N, H), w2 (H,), b2 ()).
-_PAIRWISE = _Family("pairwise_", ("a", "c", "w2", "b2"), _pairwise_backend, check_pairwise_factors)
+_PAIRWISE = _Family("pairwise_", ("a", "c", "w2", "b2"), lambda name: _pairwise_backend(name), check_pairwise_factors)
 
 
 def _define(
