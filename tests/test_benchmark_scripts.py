@@ -143,10 +143,13 @@ def test_pid_benchmark_refuses_bad_options(argv, message, capsys):
 
 
 def test_concat_critic_benchmark_runs_end_to_end(tmp_path):
-    """benchmarks/concat_critic.py at a tiny size: both steps run (timed, and measured in a fresh
-    process) and the record is written."""
+    """benchmarks/concat_critic.py at a tiny size: the four paths run (timed, and measured in a fresh
+    process) and the record is written with its conditions; the large-size file name too."""
     import concat_critic
 
-    concat_critic.main(["--batch", "32", "--dim", "4", "--hidden", "8", "--repeats", "1", "--out", str(tmp_path)])
-    record = (tmp_path / "concat_critic.md").read_text()
-    assert "| blockwise (ConcatCritic) |" in record and "| built at once |" in record
+    concat_critic.main(["--size", "32", "--dim", "4", "--hidden", "8", "--repeats", "1", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "concat_critic_infonce_32.json").read_text())
+    assert [row["path"] for row in record["rows"]] == list(concat_critic.PATHS)
+    assert record["rows"][0]["time_vs_cpp"] == 1.0 and record["conditions"]["shape"]["H"] == 8
+    table = (tmp_path / "concat_critic_infonce_32.md").read_text()
+    assert all(f"| {what} |" in table for what in concat_critic.PATHS.values())

@@ -6,9 +6,9 @@ critic (and the encoders producing ``x``, ``y``). InfoNCE, NWJ and DV estimate l
 biased upwards, the log of a mean). SMILE's value is not a bound — its gradient is JS's, so
 maximising it trains the critic on JS — and JS's is a bound on a Jensen–Shannon divergence, not on
 :math:`I(X;Y)`. Every module calls :func:`rid_fast.mi.functional.estimate`, which checks the
-inputs against the critic (widths included) before anything runs. Separable critics run through
-the fast paths (``impl``); :class:`~rid_fast.mi.critics.ConcatCritic` materialises the score
-matrix and uses the reference formulas.
+inputs against the critic (widths included) before anything runs. Separable critics and
+:class:`~rid_fast.mi.critics.ConcatCritic` (from its pairwise factors) run through the fast paths
+(``impl``); other critics materialise the score matrix and use the reference formulas.
 
 Example::
 

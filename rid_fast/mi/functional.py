@@ -24,7 +24,14 @@ differentiable scalar in fp32 (fp64 for fp64 inputs):
 * ``"triton"`` — fused Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``); under
   autograd with 16-bit inputs and D ≤ 128 the forward of the one-sided estimators also forms
   dq's weighted keys, so the backward sweeps once (for dk) instead of twice;
-* ``"reference"`` — plain PyTorch that materialises the B×N scores (the oracle, for tests).
+* ``"reference"`` — plain PyTorch that materialises the B×N scores (the oracle, for tests);
+* ``"cpp"`` — the pairwise-MLP critic's compiled CPU kernel (:class:`~rid_fast.mi.critics.ConcatCritic`
+  only; see :mod:`rid_fast.ops.pairwise_cpp`).
+
+With :class:`~rid_fast.mi.critics.ConcatCritic` (through :func:`estimate` and the estimator
+modules) ``"auto"`` is the C++ kernel on CPU tensors — compiled on first use, the blocked PyTorch
+path (``"torch"``, :mod:`rid_fast.ops.pairwise_streaming`) where it cannot be built — and the
+Triton kernels on CUDA tensors; ``"reference"`` materialises the B × N × H hidden layer.
 
 ``group`` (a ``torch.distributed`` process group; default None, this process only) makes the
 estimate one over the batch of every process: ``x``, ``y`` are this process's rows (N = B on each
@@ -69,7 +76,7 @@ from torch import Tensor
 from rid_fast.mi import reference
 from rid_fast.mi.critics import CRITICS, Critic, critic_factors
 from rid_fast.mi.distributed import check_group_call, check_rows_match, global_batch_sizes, is_distributed
-from rid_fast.mi.reductions import ScoreReductions, score_reductions
+from rid_fast.mi.reductions import PairwiseReductions, ScoreReductions, score_reductions
 from rid_fast.ops.dispatch import (
     check_bool,
     check_choice,
@@ -77,7 +84,7 @@ from rid_fast.ops.dispatch import (
     check_positive,
     check_temperature,
     resolve_impl,
-    wants_grad,
+    resolve_pairwise_impl,
 )
 
 if TYPE_CHECKING:
@@ -134,7 +141,7 @@ def _smile_factors(rows: ScoreReductions, clip: float = 5.0, gradient: str = "js
     non-differentiable). That would save one of the forward's two sweeps; the backward would not
     change.
     """
-    if gradient == "clipped_dv" or not wants_grad(rows.q, rows.k, rows.scale):
+    if gradient == "clipped_dv" or not rows.wants_grad():
         return _clipped_dv_factors(rows, clip)
     with torch.no_grad():
         value = _clipped_dv_factors(rows, clip)
@@ -210,6 +217,7 @@ class NamedCritic:
     or a one-element tensor, learnable), with the interface of :class:`rid_fast.mi.critics.Critic`."""
 
     separable = True
+    pairwise = False
     same_features = True
     x_dim = y_dim = None
 
@@ -244,9 +252,10 @@ def estimate(
     ``critic``, pick the implementation, and evaluate ``estimator`` (a name of
     :data:`ESTIMATORS`, or an :class:`Estimator`) with ``options``.
 
-    Separable critics run on the streaming or fused backends from their factors (q, k, σ); the
-    reference implementation and non-separable critics reduce the materialised score matrix.
-    Under ``group=`` (more than one process) the estimate is over the global batch
+    Separable critics run on the streaming or fused backends from their factors (q, k, σ), the
+    pairwise-MLP critic (``critic.pairwise``) from its factors (a, c, w₂, b₂); the reference
+    implementation, and any other critic, reduce the materialised score matrix. Under ``group=``
+    (more than one process; separable critics) the estimate is over the global batch
     (:mod:`rid_fast.mi.distributed`, :mod:`rid_fast.mi.reductions`).
     """
     if isinstance(estimator, str):
@@ -274,7 +283,7 @@ def estimate(
         )
         if distributed:
             check_rows_match(x, y)
-        backend = resolve_impl(impl, x.device, x.dtype)
+        backend = (resolve_pairwise_impl if critic.pairwise else resolve_impl)(impl, x.device, x.dtype)
         if backend != "reference" and critic.separable:
             q, k, scale = critic.factors(x, y)
     except (ValueError, TypeError) as error:
@@ -295,8 +304,10 @@ def estimate(
         sizes = global_batch_sizes(group, x, y, None if local_error else scale, fields=fields, local_error=local_error)
         if estimator.needs_negatives and sum(sizes) < 2:
             raise ValueError(f"this estimator averages over negative pairs (i ≠ j) and needs N ≥ 2; got N={sum(sizes)}")
-    if backend == "reference" or not critic.separable:
+    if backend == "reference" or not (critic.separable or critic.pairwise):
         return estimator.from_scores(critic.scores(x, y), **options)
+    if critic.pairwise:
+        return estimator.from_factors(PairwiseReductions(*critic.pairwise_factors(x, y), backend), **options)
     q, k = autocast_factors(q, k, backend)
     rows = score_reductions(q, k, scale, backend, group=group, gather=gather, sizes=sizes)
     return estimator.from_factors(rows, **options)

@@ -33,13 +33,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from rid_fast.ops import library
+from rid_fast.ops import library, pairwise_streaming
 from rid_fast.ops.common import diagonal_scores
 from rid_fast.ops.dispatch import wants_grad, weighted_keys_in_forward
 from rid_fast.ops.distributed import all_reduce_max, all_reduce_sum, gather_rows, group_world, ring_row_statistic
 from rid_fast.ops.streaming import one_sweep_pays
 
-__all__ = ["ScoreReductions", "GatheredReductions", "RingReductions", "score_reductions"]
+__all__ = ["ScoreReductions", "PairwiseReductions", "GatheredReductions", "RingReductions", "score_reductions"]
 
 
 def _row_statistic(op: Callable, weighted_op: Callable, q: Tensor, k: Tensor, scale: Tensor, *args) -> Tensor:
@@ -62,6 +62,10 @@ class ScoreReductions:
     def __init__(self, q: Tensor, k: Tensor, scale: Tensor, backend: str) -> None:
         self.q, self.k, self.scale, self.backend = q, k, scale, backend
         self.n_rows, self.n_keys = q.shape[0], k.shape[0]
+
+    def wants_grad(self) -> bool:
+        """Whether autograd will need gradients through the scores here."""
+        return wants_grad(self.q, self.k, self.scale)
 
     # ---- per-row statistics of this process's rows ----
 
@@ -129,6 +133,39 @@ class ScoreReductions:
         q, k, scale, backend = self.q, self.k, self.scale, self.backend
         if backend == "torch" and wants_grad(q, k, scale) and one_sweep_pays(q.shape[0], k.shape[0], q.dtype):
             return library.cross_entropy_rows_mean_with_grad(q, k, scale)[0]
+        return self.mean(self.cross_entropy_rows())
+
+
+class PairwiseReductions(ScoreReductions):
+    r"""The same reductions of the pairwise-MLP critic's scores,
+    :math:`s_{ij} = w_2^\top\mathrm{relu}(a_i + c_j) + b_2`, from a (B, H), c (N, H), w2 (H,), b2 ()
+    through the ``rid_fast::pairwise_<op>`` ops on ``backend`` (``"torch"``, ``"cpp"`` or
+    ``"triton"``); this process's batch only (the critic is not separable: no key blocks to pass
+    around a group)."""
+
+    def __init__(self, a: Tensor, c: Tensor, w2: Tensor, b2: Tensor, backend: str) -> None:
+        self.factors, self.backend = (a, c, w2, b2), backend
+        self.n_rows, self.n_keys = a.shape[0], c.shape[0]
+
+    def wants_grad(self) -> bool:
+        return wants_grad(*self.factors)
+
+    def positives(self) -> Tensor:
+        return pairwise_streaming.positives(*self.factors)
+
+    def cross_entropy_rows(self) -> Tensor:
+        return library.pairwise_cross_entropy_rows(*self.factors, self.backend)
+
+    def cross_entropy_rows_cols(self) -> tuple[Tensor, Tensor]:
+        return library.pairwise_cross_entropy_rows_cols(*self.factors, self.backend)
+
+    def lse_negatives(self, clip: float | None = None) -> Tensor:
+        return library.pairwise_lse_negatives(*self.factors, clip, self.backend)
+
+    def softplus_negatives(self) -> Tensor:
+        return library.pairwise_softplus_negatives(*self.factors, self.backend)
+
+    def mean_cross_entropy_rows(self) -> Tensor:
         return self.mean(self.cross_entropy_rows())
 
 
