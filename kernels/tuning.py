@@ -26,16 +26,21 @@ __all__ = [
     "interpreting",
     "block_k",
     "block_dv",
+    "pairwise_block_hv",
     "input_precision",
     "shape_constants",
     "candidate_configs",
     "default_config",
     "all_candidates",
     "INTERPRETER_DEFAULT",
+    "PAIRWISE_INTERPRETER_DEFAULT",
 ]
 
 #: The kernels, by the names used here and in the AOT checks.
 KERNELS = ("row_stats_fwd", "row_stats_keys_fwd", "grad_q", "grad_k")
+
+#: The pairwise-MLP critic's kernels (kernels.pairwise_forward, kernels.pairwise_backward).
+PAIRWISE_KERNELS = ("pairwise_row_stats_fwd", "pairwise_grad_rows", "pairwise_grad_cols")
 
 
 def interpreting() -> bool:
@@ -61,6 +66,13 @@ def block_k(dim: int, dtype: torch.dtype) -> int:
 def block_dv(dim: int, dtype: torch.dtype) -> int:
     """Columns of dq / dk one backward program owns (a larger D splits the grid along D)."""
     return max(16, min(triton.next_power_of_2(dim), 64 if _wide(dtype) else 128))
+
+
+def pairwise_block_hv(hidden: int) -> int:
+    """Hidden units whose gradients one pairwise backward program owns (a wider H splits the grid
+    along H, each chunk recomputing the scores). Under the interpreter 64: H = 130 spans three
+    chunks, the last ragged, and the slow score loop is recomputed no more than that."""
+    return max(16, min(triton.next_power_of_2(hidden), 64 if interpreting() else 32))
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -99,6 +111,16 @@ _CANDIDATES = {
     ("grad_k", "fp32"): _grid(((32, 64, 4), (32, 32, 4)), (2,)),
 }
 
+# The pairwise critic's tiles are sums over hidden units on the ALUs, from fp32 operands whatever
+# the inputs' dtype (kernels.pairwise_tiles), so both precision classes share one list.
+_PAIRWISE_CANDIDATES = {
+    "pairwise_row_stats_fwd": _grid(((128, 64, 4), (64, 64, 4), (128, 128, 8)), (2,)),
+    "pairwise_grad_rows": _grid(((32, 32, 4),), (2,)),
+    "pairwise_grad_cols": _grid(((32, 32, 4),), (2,)),
+}
+for _name, _configs in _PAIRWISE_CANDIDATES.items():
+    _CANDIDATES[(_name, "16bit")] = _CANDIDATES[(_name, "fp32")] = _configs
+
 _DEFAULTS = {
     ("row_stats_fwd", "16bit"): _config(128, 64, 8, 3),
     ("row_stats_keys_fwd", "16bit"): _config(128, 64, 8, 3),
@@ -109,8 +131,14 @@ _DEFAULTS = {
     ("grad_k", "fp32"): _config(32, 64, 4, 2),
 }
 
+for _name, _configs in _PAIRWISE_CANDIDATES.items():
+    _DEFAULTS[(_name, "16bit")] = _DEFAULTS[(_name, "fp32")] = _configs[0]
+
 #: Under the interpreter: small tiles, so odd test shapes span several tiles and stay quick.
 INTERPRETER_DEFAULT = _config(16, 16, 1, 1)
+#: The pairwise kernels under the interpreter: their score loop runs once per hidden unit and tile,
+#: so tiles twice as wide keep the tests short; odd shapes (B = 37, 130) still span ragged tiles.
+PAIRWISE_INTERPRETER_DEFAULT = _config(32, 32, 1, 1)
 
 
 def _precision_class(dtype: torch.dtype) -> str:
