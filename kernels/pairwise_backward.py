@@ -13,18 +13,18 @@ per ``MODE``), with :math:`s_{ij} = \sum_h w_{2,h}\,\mathrm{relu}(a_{ih} + c_{jh
     dw_{2,h} = \sum_{ij} W_{ij}\,\mathrm{relu}(a_{ih} + c_{jh}),\qquad db_2 = \sum_{ij} W_{ij}.
 
 :func:`_pairwise_grad_kernel` runs twice. With ``OWN_ROWS`` a program owns ``BLOCK_M`` rows and
-``BLOCK_HV`` hidden units and sweeps the column tiles: it recomputes the tile of scores over all H
-units (:func:`kernels.pairwise_tiles._score_tile`), forms W, and folds
-:math:`W_{ij}[t_{ijh} > 0]` and :math:`W_{ij}\,\mathrm{relu}(t_{ijh})`, :math:`t = a_{ih} + c_{jh}`,
-over its units into da and a per-program partial of dw₂ (and the row sums of W, for db₂);
-without it a program owns ``BLOCK_N`` columns and sweeps the row tiles for dc. The
-``(swept, own, unit)`` products are laid out swept dimension first so that the sums over it stay
-within each thread. Each program writes only its own block; dw₂ and db₂ are the sums of the
-per-program partials, taken by torch in a fixed order: no atomics, deterministic.
+sweeps the column tiles: it recomputes each tile of scores over all H units
+(:func:`kernels.pairwise_tiles._score_tile`), forms W, and folds, ``BLOCK_HV`` units at a time,
+:math:`W_{ij}[t_{ijh} > 0]` into its rows of :math:`\sum_j W_{ij}[t_{ijh} > 0]` (da over w₂) and
+:math:`W_{ij}\,\mathrm{relu}(t_{ijh})` into its partial of dw₂, :math:`t = a_{ih} + c_{jh}`, besides
+the row sums of W (db₂). Without it a program owns ``BLOCK_N`` columns and sweeps the row tiles
+for dc. The per-unit sums live in fp32 buffers that only their program reads and writes, in its
+loop order, so no tile of scores is formed twice by one program; dw₂ and db₂ are the sums of the
+per-program partials, taken by torch in a fixed order. No atomics: deterministic.
 
-Cost, in (i, j, h) terms of B·N·H: the scores are recomputed once per program along H, so the two
-launches take 2·⌈H / BLOCK_HV⌉ score passes (2 instructions per term each) plus one pass each
-for the gradient terms (about 6 instructions per term for da and dw₂, 4 for dc).
+Cost, in (i, j, h) terms of B·N·H: the two launches recompute the scores once each (2
+instructions per term, plus loads), and add about 6 instructions per term for da and dw₂, 4 for
+dc — about 7× the forward's arithmetic in all.
 
 Where this kernel has run: compiled ahead of time for sm_90 (``kernels/aot.py``) and under the
 Triton interpreter on CPUs; never on a GPU.
@@ -53,30 +53,60 @@ def _load_units(ptr, offs, n, offs_hv, hidden):
 
 
 @triton.jit
+def _fold_weights_into_units(
+    weights,  # (SWEPT, OWN) fp32: the tile of W, swept dimension first
+    own_ptr, offs_own, n_own,  # the program's input rows (a for da, c for dc)
+    swept_ptr, offs_swept, n_swept,  # the swept input rows
+    hidden,
+    sums_ptr,  # (n_own, hidden) fp32: Σ W [t > 0], accumulated by this program only
+    relu_sums_ptr,  # (hidden,) fp32: this program's partial of Σ W relu(t), when RELU_SUMS
+    RELU_SUMS: tl.constexpr, BLOCK_HV: tl.constexpr,
+):
+    """Fold one tile of weights into every hidden unit, BLOCK_HV units at a time, with
+    t = own_h + swept_h: Σ_swept W [t > 0] into the program's rows of ``sums_ptr`` and, with
+    RELU_SUMS, Σ_own Σ_swept W relu(t) into ``relu_sums_ptr``. The (SWEPT, OWN, BLOCK_HV) products
+    hold the swept dimension first, so that their sum over it stays within each thread. The sums
+    are read, added to and written back by the one program that owns them, in its loop order:
+    deterministic, and the scores are formed once per tile whatever H."""
+    w = weights[:, :, None]
+    for h0 in range(0, hidden, BLOCK_HV):
+        offs_hv = h0 + tl.arange(0, BLOCK_HV)
+        units_in = offs_hv < hidden
+        own = _load_units(own_ptr, offs_own, n_own, offs_hv, hidden)  # (OWN, BLOCK_HV)
+        swept = _load_units(swept_ptr, offs_swept, n_swept, offs_hv, hidden)  # (SWEPT, BLOCK_HV)
+        t = own[None, :, :] + swept[:, None, :]
+        active = tl.where(t > 0.0, w, 0.0)
+        pointers = sums_ptr + offs_own.to(tl.int64)[:, None] * hidden + offs_hv[None, :]
+        inside = (offs_own[:, None] < n_own) & units_in[None, :]
+        tl.store(pointers, tl.load(pointers, mask=inside, other=0.0) + tl.sum(active, axis=0), mask=inside)
+        if RELU_SUMS:
+            relu_sum = tl.sum(tl.sum(active * t, axis=0), axis=0)
+            previous = tl.load(relu_sums_ptr + offs_hv, mask=units_in, other=0.0)
+            tl.store(relu_sums_ptr + offs_hv, previous + relu_sum, mask=units_in)
+
+
+@triton.jit
 def _pairwise_grad_kernel(
     a_t_ptr, neg_c_t_ptr, sign_ptr, col_const_ptr,  # the scores' prepared operands, rows a, columns c
-    a_ptr, c_ptr, w2_ptr,  # (n_rows, hidden), (n_cols, hidden), (hidden,): the inputs
+    a_ptr, c_ptr,  # (n_rows, hidden), (n_cols, hidden): the inputs
     row_stat_ptr, row_grad_ptr,  # (n_rows,) fp32: ℓ_i and g_i
-    col_stat_ptr, col_grad_ptr,  # (n_cols,) fp32: λ_j and b_j (CE_ROWS_COLS only)
-    grad_ptr,  # (n_own, hidden) fp32 output: da (OWN_ROWS) or dc
-    dw2_ptr,  # (programs along the rows, hidden) fp32 output: partial sums of dw₂ (OWN_ROWS)
-    db2_ptr,  # (n_rows,) fp32 output: Σ_j W_ij (OWN_ROWS)
+    col_stat_ptr, col_grad_ptr,  # (n_cols,) fp32: λ_j and h_j (CE_ROWS_COLS only)
+    sums_ptr,  # (n_own, hidden) fp32, zeros on entry: Σ W [a + c > 0] (da / w2 with OWN_ROWS, else dc / w2)
+    dw2_ptr,  # (programs, hidden) fp32, zeros on entry: per-program partials of dw₂ (OWN_ROWS)
+    db2_ptr,  # (n_rows,) fp32: Σ_j W_ij (OWN_ROWS)
     n_rows, n_cols, hidden, clip,
     MODE: tl.constexpr, CLIP: tl.constexpr, COLUMN_STATS: tl.constexpr, OWN_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HV: tl.constexpr,
 ):
     _assert_block(BLOCK_M)
     _assert_block(BLOCK_N)
-    _assert_block(BLOCK_HV)
+    # Units are summed on the ALUs, never fed to tl.dot: any power of two (tl.arange's rule) will do.
+    tl.static_assert((BLOCK_HV & (BLOCK_HV - 1)) == 0, "BLOCK_HV must be a power of two")
     _assert_backward_constants(MODE, CLIP, COLUMN_STATS)
-    offs_hv = tl.program_id(1) * BLOCK_HV + tl.arange(0, BLOCK_HV)
     if OWN_ROWS:
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_stat = _load_stats(row_stat_ptr, offs_m, n_rows, MODE != SOFTPLUS_NEGATIVES)
         row_grad = _load_stats(row_grad_ptr, offs_m, n_rows, True)
-        own = _load_units(a_ptr, offs_m, n_rows, offs_hv, hidden)  # (BLOCK_M, BLOCK_HV)
-        active_sum = tl.zeros((BLOCK_M, BLOCK_HV), dtype=tl.float32)  # Σ_j W_ij [t > 0]
-        relu_sum = tl.zeros((BLOCK_M, BLOCK_HV), dtype=tl.float32)  # Σ_j W_ij relu(t)
         weight_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # Σ_j W_ij
         for col0 in range(0, n_cols, BLOCK_N):
             offs_n = col0 + tl.arange(0, BLOCK_N)
@@ -92,22 +122,15 @@ def _pairwise_grad_kernel(
                 clip=clip, MODE=MODE, CLIP=CLIP, MASKED=True,
             )
             weight_sum += tl.sum(w, axis=1)
-            swept = _load_units(c_ptr, offs_n, n_cols, offs_hv, hidden)  # (BLOCK_N, BLOCK_HV)
-            t = own[None, :, :] + swept[:, None, :]  # (BLOCK_N, BLOCK_M, BLOCK_HV): swept first
-            active = tl.where(t > 0.0, tl.trans(w)[:, :, None], 0.0)
-            active_sum += tl.sum(active, axis=0)
-            relu_sum += tl.sum(active * t, axis=0)
-        offs_own = offs_m
-        n_own = n_rows
-        tl.store(dw2_ptr + tl.program_id(0) * hidden + offs_hv, tl.sum(relu_sum, axis=0), mask=offs_hv < hidden)
-        if tl.program_id(1) == 0:  # every chunk of units forms the same row sums: one stores them
-            tl.store(db2_ptr + offs_m, weight_sum, mask=offs_m < n_rows)
+            _fold_weights_into_units(
+                tl.trans(w), a_ptr, offs_m, n_rows, c_ptr, offs_n, n_cols, hidden,
+                sums_ptr, dw2_ptr + tl.program_id(0) * hidden, RELU_SUMS=True, BLOCK_HV=BLOCK_HV,
+            )
+        tl.store(db2_ptr + offs_m, weight_sum, mask=offs_m < n_rows)
     else:
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_stat = _load_stats(col_stat_ptr, offs_n, n_cols, COLUMN_STATS)
         col_grad = _load_stats(col_grad_ptr, offs_n, n_cols, COLUMN_STATS)
-        own = _load_units(c_ptr, offs_n, n_cols, offs_hv, hidden)  # (BLOCK_N, BLOCK_HV)
-        active_sum = tl.zeros((BLOCK_N, BLOCK_HV), dtype=tl.float32)  # Σ_i W_ij [t > 0]
         for row0 in range(0, n_rows, BLOCK_M):
             offs_m = row0 + tl.arange(0, BLOCK_M)
             scores = _score_tile(
@@ -120,14 +143,10 @@ def _pairwise_grad_kernel(
                 row_grad=_load_stats(row_grad_ptr, offs_m, n_rows, True),
                 col_stat=col_stat, col_grad=col_grad, clip=clip, MODE=MODE, CLIP=CLIP, MASKED=True,
             )
-            swept = _load_units(a_ptr, offs_m, n_rows, offs_hv, hidden)  # (BLOCK_M, BLOCK_HV)
-            t = own[None, :, :] + swept[:, None, :]  # (BLOCK_M, BLOCK_N, BLOCK_HV): swept first
-            active_sum += tl.sum(tl.where(t > 0.0, w[:, :, None], 0.0), axis=0)
-        offs_own = offs_n
-        n_own = n_cols
-    w2 = tl.load(w2_ptr + offs_hv, mask=offs_hv < hidden, other=0.0).to(tl.float32)
-    pointers = grad_ptr + offs_own.to(tl.int64)[:, None] * hidden + offs_hv[None, :]
-    tl.store(pointers, w2[None, :] * active_sum, mask=(offs_own[:, None] < n_own) & (offs_hv[None, :] < hidden))
+            _fold_weights_into_units(
+                w, c_ptr, offs_n, n_cols, a_ptr, offs_m, n_rows, hidden,
+                sums_ptr, dw2_ptr, RELU_SUMS=False, BLOCK_HV=BLOCK_HV,
+            )
 
 
 # fmt: on
@@ -153,10 +172,11 @@ def pairwise_grads(
     def stat(t: torch.Tensor | None, n: int) -> torch.Tensor:
         return (t if t is not None else torch.zeros(n, device=a.device)).float().contiguous()
 
-    block_hv = tuning.pairwise_block_hv(hidden)
-    units = triton.cdiv(hidden, block_hv)
-    da = torch.empty(a.shape, device=a.device, dtype=torch.float32)
-    dc = torch.empty(c.shape, device=a.device, dtype=torch.float32)
+    # Σ W [a + c > 0] for da and dc, and the partials of dw₂: accumulated by the kernels from zero.
+    sums = {
+        "rows": torch.zeros(a.shape, device=a.device, dtype=torch.float32),
+        "cols": torch.zeros(c.shape, device=a.device, dtype=torch.float32),
+    }
     db2_rows = torch.empty(n_rows, device=a.device, dtype=torch.float32)
     # One row of dw₂ partials per program along the rows; the smallest candidate BLOCK_M bounds their number.
     dw2_rows = torch.zeros(triton.cdiv(n_rows, 16), hidden, device=a.device, dtype=torch.float32)
@@ -167,7 +187,6 @@ def pairwise_grads(
         col_const_ptr=operands.other_const,
         a_ptr=a,
         c_ptr=c,
-        w2_ptr=w2,
         row_stat_ptr=stat(row_stat, n_rows),
         row_grad_ptr=stat(row_grad, n_rows),
         col_stat_ptr=stat(col_stat, n_cols),
@@ -181,14 +200,17 @@ def pairwise_grads(
         MODE=MODES[mode],
         CLIP=clip is not None,
         COLUMN_STATS=col_stat is not None,
-        BLOCK_HV=block_hv,
+        BLOCK_HV=tuning.pairwise_block_hv(hidden),
     )
-    grid_rows = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), units)  # noqa: E731
-    run("pairwise_grad_rows", _pairwise_grad_kernel, grid=grid_rows, dtype=a.dtype, grad_ptr=da, OWN_ROWS=True,
-        **arguments)  # fmt: skip
-    grid_cols = lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), units)  # noqa: E731
-    run("pairwise_grad_cols", _pairwise_grad_kernel, grid=grid_cols, dtype=a.dtype, grad_ptr=dc, OWN_ROWS=False,
-        **arguments)  # fmt: skip
+    grid_rows = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)  # noqa: E731
+    run("pairwise_grad_rows", _pairwise_grad_kernel, grid=grid_rows, dtype=a.dtype, sums_ptr=sums["rows"],
+        OWN_ROWS=True, reset_to_zero=["sums_ptr", "dw2_ptr"], **arguments)  # fmt: skip
+    grid_cols = lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]),)  # noqa: E731
+    run("pairwise_grad_cols", _pairwise_grad_kernel, grid=grid_cols, dtype=a.dtype, sums_ptr=sums["cols"],
+        OWN_ROWS=False, reset_to_zero=["sums_ptr"], **arguments)  # fmt: skip
+    w = w2.float()
+    da = sums["rows"] * w
+    dc = sums["cols"] * w
     dw2 = dw2_rows.sum(0)
     db2 = db2_rows.sum()
     return da.to(a.dtype), dc.to(c.dtype), dw2.to(w2.dtype), db2.to(b2.dtype)

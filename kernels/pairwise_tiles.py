@@ -124,16 +124,27 @@ def _score_tile(
 _AUTOTUNERS: dict[tuple[str, str], triton.runtime.Autotuner] = {}
 
 
-def run(name: str, kernel: triton.JITFunction, *, grid, dtype: torch.dtype, **arguments) -> None:
-    """Launch ``kernel`` (``name``: its entry in :data:`kernels.tuning.KERNELS`) for inputs of
-    ``dtype``: autotuned over its candidates where autotuning is on, else in its default config.
-    (The dot kernels' :func:`kernels.launch.run` prunes by a ``q_ptr`` argument these kernels do
-    not have, so they get one autotuner per precision class instead of a pruning hook.)"""
+def run(
+    name: str,
+    kernel: triton.JITFunction,
+    *,
+    grid,
+    dtype: torch.dtype,
+    reset_to_zero: list[str] | None = None,
+    **arguments,
+) -> None:
+    """Launch ``kernel`` (``name``: its entry in :data:`kernels.tuning.PAIRWISE_KERNELS`) for inputs
+    of ``dtype``: autotuned over its candidates where autotuning is on, else in its default config.
+    ``reset_to_zero`` names the outputs the kernel accumulates into, zeroed before each of the
+    autotuner's trial runs. (The dot kernels' :func:`kernels.launch.run` prunes by a ``q_ptr``
+    argument these kernels do not have, so they get one autotuner per precision class instead.)"""
     if tuning.autotune_enabled():
         key = (name, "fp32" if dtype == torch.float32 else "16bit")
         if key not in _AUTOTUNERS:
             _AUTOTUNERS[key] = triton.autotune(
-                configs=tuning.candidate_configs(name, dtype), key=["n_rows", "n_cols", "hidden"]
+                configs=tuning.candidate_configs(name, dtype),
+                key=["n_rows", "n_cols", "hidden"],
+                reset_to_zero=reset_to_zero,
             )(kernel)
         _AUTOTUNERS[key][grid](**arguments)
         return

@@ -69,10 +69,11 @@ def block_dv(dim: int, dtype: torch.dtype) -> int:
 
 
 def pairwise_block_hv(hidden: int) -> int:
-    """Hidden units whose gradients one pairwise backward program owns (a wider H splits the grid
-    along H, each chunk recomputing the scores). Under the interpreter 64: H = 130 spans three
-    chunks, the last ragged, and the slow score loop is recomputed no more than that."""
-    return max(16, min(triton.next_power_of_2(hidden), 64 if interpreting() else 32))
+    """Hidden units the pairwise backward folds a tile of weights into at a time: its
+    (BLOCK_M, BLOCK_N, BLOCK_HV) products must fit the registers (8 on a GPU: 64 per thread at
+    32 × 32 with 4 warps). Under the interpreter 32, so that H = 64 and 130 span several chunks
+    (the last of 130 ragged) in few steps."""
+    return min(triton.next_power_of_2(hidden), 32 if interpreting() else 8)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -112,11 +113,15 @@ _CANDIDATES = {
 }
 
 # The pairwise critic's tiles are sums over hidden units on the ALUs, from fp32 operands whatever
-# the inputs' dtype (kernels.pairwise_tiles), so both precision classes share one list.
+# the inputs' dtype (kernels.pairwise_tiles), so both precision classes share one list. Chosen from
+# the sm_90 compile (kernels.aot.pairwise_sweep): no spills, and SASS per hidden unit of the score
+# loop — forward 168 instructions per 64 scores per thread at 128 × 64 with 4 warps (128 of them
+# the maxima and FMAs), 96 per 32 at 128 × 32 (half the registers). The backward's tiles are held
+# three-dimensional (× BLOCK_HV units, pairwise_block_hv), which bounds them at 32–64 × 32.
 _PAIRWISE_CANDIDATES = {
-    "pairwise_row_stats_fwd": _grid(((128, 64, 4), (64, 64, 4), (128, 128, 8)), (2,)),
-    "pairwise_grad_rows": _grid(((32, 32, 4),), (2,)),
-    "pairwise_grad_cols": _grid(((32, 32, 4),), (2,)),
+    "pairwise_row_stats_fwd": _grid(((128, 64, 4), (128, 32, 4), (256, 64, 8)), (2,)),
+    "pairwise_grad_rows": _grid(((32, 32, 4), (64, 32, 8)), (2,)),
+    "pairwise_grad_cols": _grid(((32, 32, 4), (64, 32, 8), (32, 64, 4)), (2,)),
 }
 for _name, _configs in _PAIRWISE_CANDIDATES.items():
     _CANDIDATES[(_name, "16bit")] = _CANDIDATES[(_name, "fp32")] = _configs

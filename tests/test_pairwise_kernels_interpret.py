@@ -8,9 +8,9 @@ the reference in float64 on those same values, so what is measured is the kernel
 The score loop runs once per hidden unit and tile, slowly under the interpreter, so the grid is a
 subset of B ∈ {1, 37, 130} × N ∈ {B, B + 19} × H ∈ {3, 17, 64, 130} that gives every reduction
 both dtypes and covers each odd size (see ``CASES``; about a minute on two cores). Tiles are
-32 × 32 here and the backward owns 64 hidden units per program: B = 37 and 130 span ragged row
-and column tiles with the diagonal crossing tiles, H = 130 spans three unit chunks, the last
-ragged, and H = 17 one ragged chunk.
+32 × 32 here and the backward folds 32 hidden units at a time: B = 37 and 130 span ragged row
+and column tiles with the diagonal crossing tiles, H = 130 spans five unit chunks, the last
+ragged, H = 64 two and H = 17 one ragged chunk.
 
 Tolerances are first-order rounding bounds (unit roundoff u = 2⁻²⁴, the kernels compute in fp32),
 taken from the truth, never from an observed error (see :func:`_score_error` and the functions
