@@ -203,6 +203,28 @@ def _gradient_bounds(op, a, c, w2, weights, magnitude, scores, score_error, row_
     ids=[f"{op}-{str(dtype)[6:]}-{b}-{n}-{h}" for op, dtype, b, n, h in CASES],
 )
 def test_matches_reference(op, dtype, n_rows, n_cols, hidden):
+    _assert_matches_reference(op, dtype, n_rows, n_cols, hidden)
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_every_gpu_candidate_config(monkeypatch, round_):
+    """The GPU's tiles (32–256 rows and columns, 8 hidden units at a time), which the interpreter's
+    defaults never run, each candidate forced in turn (kernels with fewer cycle through theirs):
+    symmetric InfoNCE at B = N = 150 — two ragged row tiles of the largest forward tile, the rows'
+    and the columns' kernels — and H = 3, one ragged chunk of units."""
+    from rid_fast.kernels import tuning
+
+    chosen = {}
+    for kernel in tuning.PAIRWISE_KERNELS:
+        configs = tuning.candidate_configs(kernel, torch.float32)
+        chosen[kernel] = configs[round_ % len(configs)]
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)  # the GPU's configs and unit chunk
+    monkeypatch.setenv("RID_FAST_AUTOTUNE", "0")
+    monkeypatch.setattr(tuning, "default_config", lambda kernel, _dtype: chosen[kernel])
+    _assert_matches_reference("ce_rows_cols", torch.float32, 150, 150, 3)
+
+
+def _assert_matches_reference(op, dtype, n_rows, n_cols, hidden):
     a, c, w2, b2 = _inputs(n_rows, n_cols, hidden, dtype)
     gen = torch.Generator().manual_seed(1)
     row_grad = torch.rand(n_rows, generator=gen, dtype=torch.float64) + 0.5
