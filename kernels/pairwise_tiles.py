@@ -95,6 +95,8 @@ def check_inputs(a: torch.Tensor, c: torch.Tensor, w2: torch.Tensor, b2: torch.T
             )
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
+    if max(a.numel(), c.numel()) >= 2**31:  # the score loop indexes the prepared operands in int32
+        raise ValueError(f"a and c must each hold fewer than 2**31 elements; got {a.numel()} and {c.numel()}")
     if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"a must be float32, float16 or bfloat16; got {a.dtype}")
 
