@@ -14,7 +14,10 @@ The package, by role:
 * :mod:`~rid_fast.kernels.backward` — the dq and dk kernels and their launcher, :func:`weighted_grads`;
 * :mod:`~rid_fast.kernels.launch` — every launch: autotuned, or in the default config;
 * :mod:`~rid_fast.kernels.tuning` — the autotuner's candidates, the defaults, the per-shape constants;
-* :mod:`~rid_fast.kernels.aot` — ahead-of-time compilation for NVIDIA GPUs, on any machine.
+* :mod:`~rid_fast.kernels.aot` — ahead-of-time compilation for NVIDIA GPUs, on any machine;
+* :mod:`~rid_fast.kernels.pairwise` — the same reductions for the pairwise-MLP (concat) critic,
+  whose scores are not a matrix product (with ``pairwise_tiles``, ``pairwise_forward``,
+  ``pairwise_backward``).
 
 Where these kernels have run: compiled ahead of time for sm_90 and sm_80 (every autotuner candidate:
 registers, spills, shared memory, SASS per loop; ``benchmarks/results/aot_report.md``) and run under
