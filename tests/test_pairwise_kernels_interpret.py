@@ -101,3 +101,51 @@ def test_bad_inputs_are_named(change, message):
     a, c, w2, b2 = change(*(t.float() for t in inputs(5, 7, 3, torch.float32)))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         pairwise.lse_negatives_forward(a, c, w2, b2)
+
+
+#: Every estimator module with the concat critic: (module, options, B, N); H = 17 (one ragged unit chunk).
+ESTIMATOR_CASES = {
+    "infonce": ("InfoNCE", {}, 9, 13),
+    "infonce_symmetric": ("InfoNCE", {"symmetric": True}, 9, 9),
+    "nwj": ("NWJ", {}, 9, 13),
+    "dv": ("DV", {}, 9, 13),
+    "smile": ("SMILE", {"clip": 1.0}, 9, 13),
+    "js": ("JS", {}, 9, 13),
+    "mine": ("MINE", {}, 9, 13),
+}
+
+
+def _estimate(label: str, impl: str, dtype: torch.dtype):
+    """Value and gradients (x, y, then A, b1, C, w2, b2) of the estimator module with a
+    ConcatCritic of seeded weights, inputs and weights in ``dtype``."""
+    from rid_fast.mi import estimators
+    from rid_fast.mi.critics import ConcatCritic
+
+    name, options, n_rows, n_keys = ESTIMATOR_CASES[label]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(n_rows, 5, generator=gen).to(dtype).requires_grad_(True)
+    y = torch.randn(n_keys, 3, generator=gen).to(dtype).requires_grad_(True)
+    torch.manual_seed(0)
+    module = getattr(estimators, name)(ConcatCritic(5, 3, hidden=17), impl=impl, **options).to(dtype)
+    value = module(x, y)
+    grads = torch.autograd.grad(value, (x, y, *module.parameters()))
+    return [t.detach().double() for t in (value, *grads)]
+
+
+@pytest.mark.parametrize("label", ESTIMATOR_CASES)
+def test_estimators_run_on_the_kernels_through_the_ops(label):
+    """Every estimator with a ConcatCritic and ``impl="triton"`` goes through the
+    ``rid_fast::pairwise_*`` ops to these kernels: value and every gradient (x, y, A, b1, C, w2, b2)
+    in fp32 against the float64 truth (the oracle on the same rounded values), within twice the fp32
+    oracle's own error or torch.testing's default fp32 tolerance (estimator_checks' contract)."""
+    from estimator_checks import DEFAULT_TOLERANCES
+
+    rtol, atol = DEFAULT_TOLERANCES[torch.float32]
+    truth = _estimate(label, "reference", torch.float64)
+    oracle = _estimate(label, "reference", torch.float32)
+    got = _estimate(label, "triton", torch.float32)
+    names = ["value", "x", "y", "A", "b1", "C", "w2", "b2"]
+    for name, g, o, t in zip(names, got, oracle, truth):
+        allowed = torch.maximum(2 * (o - t).abs(), atol + rtol * t.abs())
+        excess = (g - t).abs() - allowed
+        assert float(excess.max()) <= 0, f"{label} {name}: error {float((g - t).abs().max()):.3g}"
