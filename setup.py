@@ -5,4 +5,5 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["rid_fast", "rid_fast.*"]) + ["rid_fast.kernels"],
     package_dir={"rid_fast.kernels": "kernels"},
+    package_data={"rid_fast": ["csrc/*.cpp"]},  # compiled on first use (rid_fast/ops/pairwise_cpp.py)
 )

@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    jobs = aot.sweep(90) + aot.sweep(80)
+    jobs = aot.sweep(90) + aot.sweep(80) + aot.pairwise_sweep(90)
     with ProcessPoolExecutor(args.workers) as pool:
         reports = list(pool.map(_compile, jobs, chunksize=4))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,8 @@ def main() -> int:
         "",
         "Every kernel × variant × dtype × D × autotuner candidate; registers per thread, local memory",
         "(spills + stack) per thread, dynamic shared memory per block, tensor-core instruction, and SASS",
-        "instructions per iteration of each loop that issues MMAs (per tile: the work besides the MMAs).",
+        "instructions per iteration of each loop that issues MMAs (per tile: the work besides the MMAs);",
+        "for the pairwise-MLP kernels (no MMA), of each loop over hidden units (D is then H).",
         "",
         "| arch | kernel | variant | dtype | D | config | regs | local B | smem KiB | MMA | SASS per loop |",
         "|---|---|---|---|---:|---|---:|---:|---:|---|---:|",

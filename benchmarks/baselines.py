@@ -104,3 +104,44 @@ def infcl_infonce(x: torch.Tensor, y: torch.Tensor, *, temperature: float = 0.1)
     if dim % head_dim:
         raise ValueError(f"Inf-CL needs D ≤ 256 or a multiple of 256; got D = {dim}")
     return math.log(y.shape[0]) - cal_flash_loss(x, y, scale=1.0 / temperature, head_dim=head_dim).mean()
+
+
+class RowBlockPairwiseScores(torch.autograd.Function):
+    r"""The pairwise-MLP critic's (B, N) scores :math:`S_{ij} = w^\top \mathrm{relu}(a_i + c_j) + b`
+    built a block of rows at a time, as ``rid_fast.critics.ConcatCritic`` computed them before its
+    fused ops: the (rows, N, H) hidden block exists one block at a time, in the forward and again in
+    the backward (recomputed from a and c), so memory is O(B·N + block); the estimator's reference
+    formula then reduces the materialised scores. a (B, H), c (N, H), w (H,), b () → (B, N)."""
+
+    #: Elements of one (rows, N, H) block (64 MiB in fp32), as before.
+    BLOCK_ELEMENTS = 1 << 24
+
+    @classmethod
+    def _row_blocks(cls, n_rows: int, n_cols: int, hidden: int):
+        rows = max(1, cls.BLOCK_ELEMENTS // max(1, n_cols * hidden))
+        for start in range(0, n_rows, rows):
+            yield slice(start, min(start + rows, n_rows))
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, c: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        scores = a.new_empty(a.shape[0], c.shape[0])
+        for rows in RowBlockPairwiseScores._row_blocks(a.shape[0], *c.shape):
+            hidden = (a[rows, None, :] + c[None]).relu_()  # (r, N, H)
+            scores[rows] = hidden @ w
+        ctx.save_for_backward(a, c, w)
+        return scores.add_(b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        a, c, w = ctx.saved_tensors
+        grad = grad.to(a.dtype)
+        da, dc, dw = torch.empty_like(a), torch.zeros_like(c), torch.zeros_like(w)
+        for rows in RowBlockPairwiseScores._row_blocks(a.shape[0], *c.shape):
+            hidden = (a[rows, None, :] + c[None]).relu_()  # (r, N, H), recomputed
+            g = grad[rows]  # (r, N)
+            dw += hidden.reshape(-1, hidden.shape[-1]).T @ g.reshape(-1)
+            d_pre = hidden.gt_(0).mul_(w).mul_(g[..., None])  # ∂S/∂(a_i + c_j), in place of the block
+            da[rows] = d_pre.sum(1)
+            dc += d_pre.sum(0)
+        return da, dc, dw, grad.sum()

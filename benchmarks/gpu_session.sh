@@ -10,7 +10,8 @@
 #   1. environment and install (pip install --no-deps -e ., test dependencies from .gpu_wheels)
 #   2. the headline benchmark: the issue's targets               (until 300 s before the end)
 #   3. the GPU test tier, pytest -m gpu in four parallel shards  (≤ 200 s)
-#   4. PID solver throughput on the GPU, n = 256 and 4096         (≤ 60 s)
+#   4. PID solver throughput on the GPU at (10, 10, 10) and (10, 20, 20), n = 256, 4096 and
+#      65536, then the largest batch that fits                       (≤ 90 s)
 #   5. the benchmark sweep                                        (what is left)
 # Results: $OUT (the device tool's return folder), else benchmarks/results/gpu-session/.
 set -uo pipefail
@@ -65,8 +66,8 @@ wait
 for i in "${!shards[@]}"; do echo "shard $i (${shards[$i]}): $(tail -1 "$OUT/gpu_tests_$i.txt")"; done
 
 step "PID on the GPU"
-timeout 60 "$PY" benchmarks/pid_benchmark.py --device cuda --n 256 4096 --cvxpy-sample 0 --out "$OUT" \
-    > "$OUT/pid.log" 2>&1
+timeout 90 "$PY" benchmarks/pid_benchmark.py --device cuda --n 256 4096 65536 --shapes 10x10x10 10x20x20 \
+    --cvxpy-sample 0 --largest-batch --out "$OUT" > "$OUT/pid.log" 2>&1
 echo "exit $?" >> "$OUT/pid.log"
 cat "$OUT/pid.log"
 

@@ -9,6 +9,10 @@ whether a kernel that passes the interpreter will be fast — or run at all — 
   ``ld.local``/``st.local`` in the PTX;
 * registers per thread and shared memory per block (H100 allows 227 KiB).
 
+The pairwise-MLP critic's kernels (``kernels/pairwise_*.py``, listed in
+``tuning.PAIRWISE_KERNELS``) use no tensor cores: their report counts the SASS instructions of the
+loop over hidden units (:func:`pairwise_sweep`).
+
 Used by ``tests/test_kernels_aot.py`` and ``benchmarks/aot_report.py``.
 """
 
@@ -28,9 +32,11 @@ from triton.compiler import ASTSource
 from . import tuning
 from .backward import _grad_k_kernel, _grad_q_kernel
 from .forward import _row_stats_fwd, keys_fit
+from .pairwise_backward import _pairwise_grad_kernel
+from .pairwise_forward import _pairwise_row_stats_fwd
 from .tiles import MODES, REDUCTIONS
 
-__all__ = ["CompileReport", "compile_kernel", "sweep", "SHARED_MEMORY_LIMIT"]
+__all__ = ["CompileReport", "compile_kernel", "sweep", "pairwise_sweep", "SHARED_MEMORY_LIMIT"]
 
 #: Largest dynamic shared memory per block on the architectures we target (bytes).
 SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -48,6 +54,21 @@ _SIGNATURES = {
     "grad_q": (_grad_q_kernel, {**_INPUTS, "dq_ptr": "*fp32", **_STATS, **_SIZES}),
     "grad_k": (_grad_k_kernel, {**_INPUTS, "dk_ptr": "*in", **_STATS, **_SIZES}),
 }
+# The pairwise critic's kernels: prepared fp32 operands of the scores, then (backward) the inputs.
+_SCORE_OPERANDS = {"own_t_ptr": "*fp32", "other_t_ptr": "*fp32", "sign_ptr": "*fp32", "other_const_ptr": "*fp32"}
+_PAIRWISE_SIZES = {"n_rows": "i32", "n_cols": "i32", "hidden": "i32", "clip": "fp32"}
+_PAIRWISE_GRAD = {
+    **{"a_t_ptr": "*fp32", "neg_c_t_ptr": "*fp32", "sign_ptr": "*fp32", "col_const_ptr": "*fp32"},
+    **{"a_ptr": "*in", "c_ptr": "*in"},
+    **_STATS,
+    **{"sums_ptr": "*fp32", "dw2_ptr": "*fp32", "db2_ptr": "*fp32"},
+    **_PAIRWISE_SIZES,
+}
+_SIGNATURES.update({
+    "pairwise_row_stats_fwd": (_pairwise_row_stats_fwd, {**_SCORE_OPERANDS, "out_ptr": "*fp32", **_PAIRWISE_SIZES}),
+    "pairwise_grad_rows": (_pairwise_grad_kernel, _PAIRWISE_GRAD),
+    "pairwise_grad_cols": (_pairwise_grad_kernel, _PAIRWISE_GRAD),
+})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -90,11 +111,11 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*?(?:0x([0-9a-f]+))?\s*;")
 
 
-def mma_loop_instructions(cubin: bytes) -> list[int]:
+def mma_loop_instructions(cubin: bytes, marks: tuple[str, ...] = ("HGMMA", "HMMA")) -> list[int]:
     """SASS instructions in each loop that issues tensor-core MMAs (HGMMA, HMMA), in program
     order: the per-tile cost of a kernel's main loops, a static measure of the work besides the
     MMAs (exponentials, masks, bookkeeping). A loop is the span from a backward branch's target
-    to the branch."""
+    to the branch. Other ``marks`` select other loops (the pairwise kernels: FMNMX, their maxima)."""
     lines = [
         (int(match.group(1), 16), match.group(2), match.group(3))
         for match in map(_SASS_LINE.search, _cuobjdump(cubin, "-sass").splitlines())
@@ -104,7 +125,7 @@ def mma_loop_instructions(cubin: bytes) -> list[int]:
     for address, opcode, target in lines:
         if opcode == "BRA" and target is not None and int(target, 16) < address:
             body = [op for a, op, _ in lines if int(target, 16) <= a <= address]
-            if any(op in ("HGMMA", "HMMA") for op in body):
+            if any(op in marks for op in body):
                 sizes.append(len(body))
     return sizes
 
@@ -128,17 +149,25 @@ def compile_kernel(
     fn, runtime_args = _SIGNATURES[kernel]
     signature = {name: kind.replace("*in", "*" + _TRITON_DTYPES[dtype]) for name, kind in runtime_args.items()}
     torch_dtype = getattr(torch, dtype)
-    all_constexprs = {
-        **constexprs,
-        **config.kwargs,
-        **tuning.shape_constants(dim, torch_dtype),
-        "INPUT_PRECISION": precision if dtype == "float32" else "tf32",  # the sweep's, not torch's setting
-    }
+    pairwise = kernel in tuning.PAIRWISE_KERNELS  # ``dim`` is then the hidden width H
+    if pairwise:
+        all_constexprs = {**constexprs, **config.kwargs}
+        if kernel != "pairwise_row_stats_fwd":
+            all_constexprs["BLOCK_HV"] = tuning.pairwise_block_hv(dim)
+    else:
+        all_constexprs = {
+            **constexprs,
+            **config.kwargs,
+            **tuning.shape_constants(dim, torch_dtype),
+            "INPUT_PRECISION": precision if dtype == "float32" else "tf32",  # the sweep's, not torch's setting
+        }
     if kernel in ("grad_q", "grad_k"):
         all_constexprs["BLOCK_DV"] = tuning.block_dv(dim, torch_dtype)
     signature.update({name: "constexpr" for name in all_constexprs})
     names = list(fn.arg_names)
-    aligned = [n for n, kind in runtime_args.items() if kind.startswith("*") or (n == "dim" and dim % 16 == 0)]
+    aligned = [
+        n for n, kind in runtime_args.items() if kind.startswith("*") or (n in ("dim", "hidden") and dim % 16 == 0)
+    ]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     source = ASTSource(fn, signature, constexprs=all_constexprs, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
@@ -152,7 +181,7 @@ def compile_kernel(
     return CompileReport(
         kernel=kernel,
         arch=arch,
-        dtype=f"{dtype}/{precision}" if dtype == "float32" else dtype,
+        dtype=f"{dtype}/{precision}" if dtype == "float32" and not pairwise else dtype,
         dim=dim,
         variant=variant,
         config=config_text,
@@ -161,7 +190,9 @@ def compile_kernel(
         ptx_local_access=bool(re.search(r"\b(ld|st)\.local", ptx)),
         shared_bytes=compiled.metadata.shared,
         mma=mma,
-        loop_instructions="/".join(map(str, mma_loop_instructions(compiled.asm["cubin"]))),
+        loop_instructions="/".join(
+            map(str, mma_loop_instructions(compiled.asm["cubin"], ("FMNMX",) if pairwise else ("HGMMA", "HMMA")))
+        ),
     )
 
 
@@ -200,4 +231,37 @@ def sweep(arch: int, dims=(128, 512)) -> list[dict]:
                     for config in tuning.candidate_configs(kernel, getattr(torch, dtype)):
                         jobs.append(dict(kernel=kernel, arch=arch, dtype=dtype, dim=dim, config=config,
                                          constexprs=constexprs, variant=variant, precision=precision))  # fmt: skip
+    return jobs
+
+
+# The pairwise kernels' variants: the forward's reductions (its operands are fp32 whatever the
+# inputs, so one dtype), the backward's heaviest weights, each kernel in its role.
+_PAIRWISE_FORWARD_VARIANTS = {
+    "lse": {"REDUCTION": REDUCTIONS["lse"], "MASK_DIAGONAL": False, "CLIP": False},
+    "lse_masked_clipped": {"REDUCTION": REDUCTIONS["lse"], "MASK_DIAGONAL": True, "CLIP": True},
+    "softplus_masked": {"REDUCTION": REDUCTIONS["softplus"], "MASK_DIAGONAL": True, "CLIP": False},
+}
+_PAIRWISE_BACKWARD_VARIANTS = {
+    "ce_rows_cols": {"MODE": MODES["ce_rows_cols"], "CLIP": False, "COLUMN_STATS": True},
+    "lse_negatives_clipped": {"MODE": MODES["lse_negatives"], "CLIP": True, "COLUMN_STATS": False},
+}
+_PAIRWISE_VARIANTS = {
+    "pairwise_row_stats_fwd": _PAIRWISE_FORWARD_VARIANTS,
+    "pairwise_grad_rows": {name: {**c, "OWN_ROWS": True} for name, c in _PAIRWISE_BACKWARD_VARIANTS.items()},
+    "pairwise_grad_cols": {name: {**c, "OWN_ROWS": False} for name, c in _PAIRWISE_BACKWARD_VARIANTS.items()},
+}
+
+
+def pairwise_sweep(arch: int = 90, hidden: int = 256) -> list[dict]:
+    """Every (pairwise kernel, variant, dtype, candidate config) to compile for ``arch`` at hidden
+    width ``hidden``, as kwargs of :func:`compile_kernel`: the forward once (fp32 operands), the
+    backward for bf16 and fp32 inputs."""
+    jobs = []
+    for kernel, variants in _PAIRWISE_VARIANTS.items():
+        dtypes = ("float32",) if kernel == "pairwise_row_stats_fwd" else ("bfloat16", "float32")
+        for variant, constexprs in variants.items():
+            for dtype in dtypes:
+                for config in tuning.candidate_configs(kernel, getattr(torch, dtype)):
+                    jobs.append(dict(kernel=kernel, arch=arch, dtype=dtype, dim=hidden, config=config,
+                                     constexprs=constexprs, variant=variant))  # fmt: skip
     return jobs

@@ -26,16 +26,21 @@ __all__ = [
     "interpreting",
     "block_k",
     "block_dv",
+    "pairwise_block_hv",
     "input_precision",
     "shape_constants",
     "candidate_configs",
     "default_config",
     "all_candidates",
     "INTERPRETER_DEFAULT",
+    "PAIRWISE_INTERPRETER_DEFAULT",
 ]
 
 #: The kernels, by the names used here and in the AOT checks.
 KERNELS = ("row_stats_fwd", "row_stats_keys_fwd", "grad_q", "grad_k")
+
+#: The pairwise-MLP critic's kernels (kernels.pairwise_forward, kernels.pairwise_backward).
+PAIRWISE_KERNELS = ("pairwise_row_stats_fwd", "pairwise_grad_rows", "pairwise_grad_cols")
 
 
 def interpreting() -> bool:
@@ -61,6 +66,14 @@ def block_k(dim: int, dtype: torch.dtype) -> int:
 def block_dv(dim: int, dtype: torch.dtype) -> int:
     """Columns of dq / dk one backward program owns (a larger D splits the grid along D)."""
     return max(16, min(triton.next_power_of_2(dim), 64 if _wide(dtype) else 128))
+
+
+def pairwise_block_hv(hidden: int) -> int:
+    """Hidden units the pairwise backward folds a tile of weights into at a time: its
+    (BLOCK_M, BLOCK_N, BLOCK_HV) products must fit the registers (8 on a GPU: 64 per thread at
+    32 × 32 with 4 warps). Under the interpreter 32, so that H = 64 and 130 span several chunks
+    (the last of 130 ragged) in few steps."""
+    return min(triton.next_power_of_2(hidden), 32 if interpreting() else 8)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -99,6 +112,21 @@ _CANDIDATES = {
     ("grad_k", "fp32"): _grid(((32, 64, 4), (32, 32, 4)), (2,)),
 }
 
+# The pairwise critic's tiles are sums over hidden units on the ALUs, from fp32 operands whatever
+# the inputs' dtype (kernels.pairwise_tiles), so both precision classes share one list. Chosen from
+# the sm_90 compile (kernels.aot.pairwise_sweep) with triton 3.9 and 3.6: no spills, and SASS per
+# hidden unit of the score loop — forward 96 instructions per 32 scores per thread at 128 × 32 with
+# 4 warps (64 of them the maxima and FMAs). 128 × 64 does better (168 per 64) but spills 72–88
+# bytes under 3.6 when clipped or with softplus. The backward's tiles are held three-dimensional
+# (× BLOCK_HV units, pairwise_block_hv), which bounds them at 32–64 × 32.
+_PAIRWISE_CANDIDATES = {
+    "pairwise_row_stats_fwd": [_config(128, 32, 4, 2), _config(256, 32, 8, 2), _config(128, 32, 4, 3)],
+    "pairwise_grad_rows": _grid(((32, 32, 4), (64, 32, 8)), (2,)),
+    "pairwise_grad_cols": _grid(((32, 32, 4), (64, 32, 8), (32, 64, 4)), (2,)),
+}
+for _name, _configs in _PAIRWISE_CANDIDATES.items():
+    _CANDIDATES[(_name, "16bit")] = _CANDIDATES[(_name, "fp32")] = _configs
+
 _DEFAULTS = {
     ("row_stats_fwd", "16bit"): _config(128, 64, 8, 3),
     ("row_stats_keys_fwd", "16bit"): _config(128, 64, 8, 3),
@@ -109,8 +137,14 @@ _DEFAULTS = {
     ("grad_k", "fp32"): _config(32, 64, 4, 2),
 }
 
+for _name, _configs in _PAIRWISE_CANDIDATES.items():
+    _DEFAULTS[(_name, "16bit")] = _DEFAULTS[(_name, "fp32")] = _configs[0]
+
 #: Under the interpreter: small tiles, so odd test shapes span several tiles and stay quick.
 INTERPRETER_DEFAULT = _config(16, 16, 1, 1)
+#: The pairwise kernels under the interpreter: their score loop runs once per hidden unit and tile,
+#: so tiles twice as wide keep the tests short; odd shapes (B = 37, 130) still span ragged tiles.
+PAIRWISE_INTERPRETER_DEFAULT = _config(32, 32, 1, 1)
 
 
 def _precision_class(dtype: torch.dtype) -> str:

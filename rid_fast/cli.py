@@ -27,7 +27,7 @@ import torch
 
 import rid_fast
 from rid_fast import bench
-from rid_fast.ops.dispatch import resolve_impl, triton_status
+from rid_fast.ops.dispatch import pairwise_status, resolve_impl, triton_status
 
 
 def _version(module_name: str) -> str:
@@ -42,6 +42,17 @@ def _device_line() -> str:
     if torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name()} ({torch.cuda.device_count()} device(s))"
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+#: How ``rid-fast env`` names the pairwise-MLP critic's backends.
+_PAIRWISE_PATHS = {"cpp": "C++ kernel", "torch": "blocked PyTorch", "triton": "Triton kernels"}
+
+
+def _pairwise_line(device: torch.device) -> str:
+    """Which path ConcatCritic's estimators take with impl="auto" on ``device``, and why (on the
+    CPU this builds the C++ kernel if it is not cached yet)."""
+    backend, why = pairwise_status(device)
+    return f"{backend} ({_PAIRWISE_PATHS[backend]}): {why}"
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -60,6 +71,7 @@ def cmd_env(args: argparse.Namespace) -> int:
             'impl="auto"',
             f"{resolve_impl('auto', device, torch.float32)} (for float32/bfloat16/float16 {device.type} tensors)",
         ),
+        ("pairwise-MLP critic", _pairwise_line(device)),
         (
             "kernel settings",
             f"RID_FAST_AUTOTUNE={os.environ.get('RID_FAST_AUTOTUNE', '1')} (autotuning on GPUs), "

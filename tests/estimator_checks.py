@@ -85,8 +85,11 @@ DEFAULT_TOLERANCES = {
 }
 
 
-def assert_matches_reference(name: str, x, y, *, temperature: float, impl: str, dtype, device="cpu", **options) -> None:
-    """The contract above, for the value and each gradient."""
+def assert_matches_reference(
+    name: str, x, y, *, temperature: float, impl: str, dtype, device="cpu", fast: Result | None = None, **options
+) -> None:
+    """The contract above, for the value and each gradient; ``fast``: the fast path's result when
+    computed elsewhere (e.g. across processes), else :func:`evaluate` of ``impl``."""
     rounded_temperature = (
         float(torch.tensor(temperature, dtype=torch.float32)) if dtype != torch.float64 else temperature
     )
@@ -94,7 +97,8 @@ def assert_matches_reference(name: str, x, y, *, temperature: float, impl: str, 
         name, x.to(dtype).double(), y.to(dtype).double(), dtype=torch.float64, temperature=rounded_temperature,
         impl="reference", device=device, **options,
     )  # fmt: skip
-    fast = evaluate(name, x, y, dtype=dtype, temperature=temperature, impl=impl, device=device, **options)
+    if fast is None:
+        fast = evaluate(name, x, y, dtype=dtype, temperature=temperature, impl=impl, device=device, **options)
     pairs = [("value", fast.value, truth.value)] + [
         (f"d/d{arg}", g_fast, g_true) for arg, g_fast, g_true in zip(("x", "y", "temperature"), fast.grads, truth.grads)
     ]
@@ -309,3 +313,35 @@ def assert_far_below_zero_matches(label: str, shape, *, dtype, device: str) -> N
     direction = torch.nn.functional.normalize(torch.ones(dim, dtype=torch.float64), dim=0)
     x, y = x + 3.0 * direction, y - 4.0 * direction
     assert_matches_reference(name, x, y, temperature=0.1, impl="triton", dtype=dtype, device=device, **options)
+
+
+def direct_row_reduction(q, k, scale, *, reduction: str, clip: float | None = None, diagonal: bool = True):
+    r"""The direct formula of a key block's row statistic on the full matrix :math:`S = \sigma q k^\top`:
+    ``"lse"`` :math:`\log\sum_j e^{c(S_{ij})}`, ``"softplus"`` :math:`\sum_j \mathrm{softplus}(S_{ij})`,
+    over j ≠ i with ``diagonal`` (the block holds the rows' positives), over every j without."""
+    s = scale * (q @ k.T)
+    if clip is not None:
+        s = s.clamp(-clip, clip)
+    keep = ~torch.eye(*s.shape, dtype=torch.bool) if diagonal else torch.ones_like(s, dtype=torch.bool)
+    if reduction == "lse":
+        return torch.logsumexp(s.masked_fill(~keep, -math.inf), 1)
+    return torch.logaddexp(s, torch.zeros_like(s)).masked_fill(~keep, 0).sum(1)
+
+
+def block_reduction(backend, q, k, scale, weights, *, reduction: str, clip: float | None, diagonal: bool):
+    """A backend's (``rid_fast.ops.streaming`` or ``rid_fast.kernels``) row statistic of one key block
+    and the gradients (dq, dk, dσ) of Σ_i weights_i · statistic_i, from its forward and backward
+    functions (what :mod:`rid_fast.ops.distributed`'s ring calls)."""
+    if reduction == "lse":
+        value = backend.lse_negatives_forward(q, k, scale, clip, diagonal)
+        return value, backend.lse_negatives_backward(weights, q, k, scale, value, clip, diagonal)
+    value = backend.softplus_negatives_forward(q, k, scale, diagonal)
+    return value, backend.softplus_negatives_backward(weights, q, k, scale, diagonal)
+
+
+def block_reduction_truth(q, k, scale, weights, **options):
+    """:func:`direct_row_reduction` and its gradients in float64 (the truth for :func:`block_reduction`)."""
+    q, k, scale = (t.detach().double().requires_grad_() for t in (q, k, scale))
+    value = direct_row_reduction(q, k, scale, **options)
+    grads = torch.autograd.grad((value * weights.double()).sum(), (q, k, scale))
+    return value.detach(), grads

@@ -3,6 +3,7 @@ scarce GPU does not find their bugs."""
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -111,11 +112,44 @@ def test_pid_benchmark_without_cvxpy(tmp_path):
     assert "cvxpy" not in (tmp_path / "pid_cpu.md").read_text()
 
 
+def test_pid_benchmark_beside_a_busy_process(tmp_path):
+    """--compete times the solve a second time beside one busy process, and stops that process."""
+    children = set(_child_pids())
+    pid_benchmark.main(["--n", "2", "--shapes", "3x3x3", "4x2x5", "--cvxpy-sample", "0", "--compete", "--device", "cpu",
+                        "--out", str(tmp_path)])  # fmt: skip
+    rows = json.loads((tmp_path / "pid_cpu.json").read_text())["rows"]
+    assert [tuple(r["shape"]) for r in rows] == [(3, 3, 3), (4, 2, 5)]
+    for r in rows:
+        assert r["rid_fast_loaded_s"] > 0 and r["loaded_over_quiet"] == r["rid_fast_loaded_s"] / r["rid_fast_s"]
+        assert 1 <= r["mean_steps_per_distribution"] <= r["max_steps_per_distribution"] == r["newton_steps"]
+    assert "beside one busy process" in (tmp_path / "pid_cpu.md").read_text()
+    assert set(_child_pids()) <= children  # the busy process is gone
+
+
+def _child_pids() -> list[int]:
+    """This process's children (Linux), to check that a benchmark stops what it started."""
+    path = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--shapes", "3x3"], "three positive sizes"), (["--largest-batch", "--device", "cpu"], "needs --device cuda")],
+)
+def test_pid_benchmark_refuses_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        pid_benchmark.main(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_concat_critic_benchmark_runs_end_to_end(tmp_path):
-    """benchmarks/concat_critic.py at a tiny size: both steps run (timed, and measured in a fresh
-    process) and the record is written."""
+    """benchmarks/concat_critic.py at a tiny size: the four paths run (timed, and measured in a fresh
+    process) and the record is written with its conditions; the large-size file name too."""
     import concat_critic
 
-    concat_critic.main(["--batch", "32", "--dim", "4", "--hidden", "8", "--repeats", "1", "--out", str(tmp_path)])
-    record = (tmp_path / "concat_critic.md").read_text()
-    assert "| blockwise (ConcatCritic) |" in record and "| built at once |" in record
+    concat_critic.main(["--size", "32", "--dim", "4", "--hidden", "8", "--repeats", "1", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "concat_critic_infonce_32.json").read_text())
+    assert [row["path"] for row in record["rows"]] == list(concat_critic.PATHS)
+    assert record["rows"][0]["time_vs_cpp"] == 1.0 and record["conditions"]["shape"]["H"] == 8
+    table = (tmp_path / "concat_critic_infonce_32.md").read_text()
+    assert all(f"| {what} |" in table for what in concat_critic.PATHS.values())

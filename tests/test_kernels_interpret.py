@@ -6,20 +6,29 @@ runs fp32 and fp16 (its bf16 dot is wrong), on small odd shapes; tiles are 16 ×
 shape below spans several tiles with ragged edges.
 """
 
+import math
 import os
 
 import pytest
 import torch
+from distributed_worker import kernels_job, run_world
 from estimator_checks import (
+    DEFAULT_TOLERANCES,
+    FP32_UNIT_ROUNDOFF,
     KERNEL_ESTIMATORS,
+    Result,
     assert_compiles_like_eager,
     assert_every_candidate_config_matches,
     assert_far_below_zero_matches,
     assert_matches_reference,
+    block_reduction,
+    block_reduction_truth,
     correlated_pair,
+    direct_row_reduction,
     evaluate,
 )
 
+from rid_fast import kernels
 from rid_fast.kernels import launch
 from rid_fast.mi import functional
 from rid_fast.ops import library
@@ -187,3 +196,85 @@ def test_scores_far_below_zero_on_ragged_tiles(label, dtype):
     """Every score ≈ −120 on ragged 16 × 16 tiles: the gradients stay finite and match (fp16:
     through the forward that forms the weighted keys)."""
     assert_far_below_zero_matches(label, (37, 56, 17), dtype=dtype, device="cpu")
+
+
+# A block of one key without positives: the masked kernel's row has no entries (log 0 = −inf, which
+# the interpreter's numpy warns about) before the diagonal's term is added back.
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.parametrize("diagonal", [True, False], ids=["own-block", "other-block"])
+@pytest.mark.parametrize("reduction,clip", [("lse", None), ("lse", 1.5), ("softplus", None)])
+@pytest.mark.parametrize("shape", [(1, 1, 3), (37, 19, 17), (9, 20, 130)])
+def test_key_block_with_or_without_positives(shape, reduction, clip, diagonal):
+    """One block of keys as the ring of rid_fast.ops.distributed calls the kernels: the diagonal
+    left out (the process's own block) or every key counted (another process's block, no
+    positives: the diagonal's terms added back to the masked kernels'). fp32 values and gradients of a
+    row-weighted sum against the float64 truth, within twice the error of the direct formula in
+    fp32 or the default fp32 tolerance; dσ, a sum over all B·N weights, also within the first-order
+    bound of such a sum in any order, u·(⌈log₂ BN⌉ + ⌈N/16⌉ + κ)·Σ|W_ij S_ij|/σ with κ bounding
+    the relative error of one weight (|S| + |ℓ| + σ‖q_i‖‖k_j‖ + 1, see ``reduction_error_bound``)."""
+    n_queries, n_keys, dim = shape
+    if diagonal and n_keys < 2:
+        pytest.skip("a block of one key, left out, has no entries (the ring skips it)")
+    x, y = correlated_pair(max(n_queries, n_keys), max(n_queries, n_keys), dim)
+    q, k = x[:n_queries].float(), y[:n_keys].float()  # a block may hold fewer keys than rows
+    scale = torch.tensor(2.0)
+    weights = torch.randn(n_queries, generator=torch.Generator().manual_seed(1))
+    options = dict(reduction=reduction, clip=clip, diagonal=diagonal)
+    value, grads = block_reduction(kernels, q, k, scale, weights, **options)
+    truth, truth_grads = block_reduction_truth(q, k, scale, weights, **options)
+    ref_q, ref_k, ref_scale = (t.clone().requires_grad_() for t in (q, k, scale))
+    ref_value = direct_row_reduction(ref_q, ref_k, ref_scale, **options)
+    ref_grads = torch.autograd.grad((ref_value * weights).sum(), (ref_q, ref_k, ref_scale))
+    rtol, atol = DEFAULT_TOLERANCES[torch.float32]
+    # dσ's order-free bound, from the weights W_ij = ∂(Σ_i w_i r_i)/∂S_ij in float64.
+    s = scale.double() * (q.double() @ k.double().T)
+    s_in = s.detach().clone().requires_grad_()
+    (w_s,) = torch.autograd.grad((direct_row_reduction_from_scores(s_in, **options) * weights.double()).sum(), s_in)
+    norms = q.double().norm(dim=1)[:, None] * k.double().norm(dim=1)[None, :] * 2.0
+    kappa = s.abs() + truth.abs().max() + norms + 1
+    terms = math.ceil(math.log2(n_queries * n_keys + 1)) + math.ceil(n_keys / 16)
+    d_scale_bound = FP32_UNIT_ROUNDOFF * float(((kappa + terms) * (w_s * s).abs()).sum()) / 2.0
+    names = ("value", "dq", "dk", "dσ")
+    for what, got, want, ref in zip(names, (value, *grads), (truth, *truth_grads), (ref_value, *ref_grads)):
+        error = float((got.double() - want).abs().max())
+        bound = max(2 * float((ref.detach().double() - want).abs().max()), atol + rtol * float(want.abs().max()))
+        if what == "dσ":
+            bound = max(bound, d_scale_bound)
+        assert error <= bound, f"{what}: error {error:.3g} > bound {bound:.3g}"
+
+
+def direct_row_reduction_from_scores(s, *, reduction, clip, diagonal):
+    """:func:`estimator_checks.direct_row_reduction` on given scores S (σ = 1, q = S, k = I)."""
+    return direct_row_reduction(s, torch.eye(s.shape[1], dtype=s.dtype), 1.0, reduction=reduction, clip=clip,
+                                diagonal=diagonal)  # fmt: skip
+
+
+RING_SIZES = (5, 4)
+
+
+@pytest.fixture(scope="module")
+def ring_results():
+    """Every kernel-tier estimator over the ring of two gloo processes (5 and 4 rows) on the Triton
+    backend (one spawn for all)."""
+    return run_world(len(RING_SIZES), kernels_job(RING_SIZES))
+
+
+@pytest.mark.parametrize("label", list(KERNEL_ESTIMATORS))
+def test_ring_across_processes_runs_the_kernels(ring_results, label):
+    """The ring on the kernels (the other process's block: every key counted): the value, the
+    same on both processes, and the gradients — local rows' concatenated and the temperature's
+    averaged, each divided by the W of DDP's convention — meet the accuracy contract against the
+    single-process float64 truth on the whole batch."""
+    name, temperature, options = KERNEL_ESTIMATORS[label]
+    world = len(RING_SIZES)
+    per_process = [results[label] for results in ring_results]
+    assert float(per_process[0][0]) == float(per_process[1][0])
+    grads = [[grads[i] for _, grads in per_process] for i in range(3)]
+    fast = Result(
+        per_process[0][0].double(),
+        (torch.cat(grads[0]).double() / world, torch.cat(grads[1]).double() / world, sum(grads[2]).double() / world),
+    )
+    x, y = correlated_pair(sum(RING_SIZES), sum(RING_SIZES), 5)
+    assert_matches_reference(
+        name, x, y, temperature=temperature, impl="triton", dtype=torch.float32, fast=fast, **options
+    )

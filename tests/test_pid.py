@@ -1,6 +1,7 @@
 """BROJA PID: canonical distributions, a reference convex solver, invariants, the certificate,
 the discretisation protocol against scikit-learn, and bad inputs."""
 
+import importlib
 import json
 import math
 import warnings
@@ -13,6 +14,8 @@ from pid_accuracy import random_distributions  # benchmarks/pid_accuracy.py: see
 
 from rid_fast import pid
 from rid_fast.pid import protocol
+
+broja_module = importlib.import_module("rid_fast.pid.broja")  # the module (``pid.broja`` is the function)
 
 ATOMS = ("red", "uni_t", "uni_s", "syn")
 
@@ -221,6 +224,99 @@ def test_batch_equals_one_at_a_time_and_deterministic_target():
             assert single.__getattribute__(atom) == pytest.approx(float(getattr(batch, atom)[i]), abs=1e-7)
     constant = pid.broja(random_distributions(1, (1, 3, 3), seed=4)[0])  # |Y| = 1: nothing to know
     assert all(abs(getattr(constant, a)) < 1e-9 for a in (*ATOMS, "mi_ts"))
+
+
+def test_the_scaled_start_never_takes_more_steps_than_the_product_start():
+    """Per distribution, on seeded batches of every family of benchmarks/pid_accuracy.py: the
+    scaled start (a few sweeps towards the optimum's form, a small τ) against the product start at
+    τ = 1, the method's textbook start, with a certificate as good."""
+    tol = 1e-8
+    for i, (concentration, zeros) in enumerate(pid_accuracy.FAMILIES.values()):
+        for shape in [(3, 5, 4), (6, 12, 9)]:
+            p = random_distributions(16, shape, concentration=concentration, zeros=zeros, seed=1000 * i + sum(shape))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # compared below instead
+                product = broja_module._solve(p, tol, 200, broja_module._PRODUCT_START)
+                scaled = broja_module._solve(p, tol, 200, broja_module._SCALED_START)
+            assert bool((scaled.steps <= product.steps).all()), (shape, zeros, scaled.steps - product.steps)
+            assert int(scaled.steps.sum()) < int(product.steps.sum())  # and fewer in all
+            reached = product.gap <= tol / pid.LN2
+            assert bool((scaled.gap[reached] <= tol / pid.LN2).all()), (shape, zeros)
+            assert scaled.iterations == int(scaled.steps.max())
+
+
+@pytest.mark.parametrize("zeros", [0.0, 0.85])
+def test_the_scaled_start_is_positive_on_the_support_and_fits_the_y_s_marginals(zeros):
+    """Started from P's own (t, s) marginal instead of the product, the sweeps left cells of the
+    support where P is zero at zero: on sparse inputs the path then started on a wrong face."""
+    p = random_distributions(64, (5, 7, 6), zeros=zeros, seed=11)
+    problems = broja_module._Newton(p)
+    q = broja_module._scaled_start(problems.q, problems.p_yt, problems.p_ys, problems.support, sweeps=100)
+    assert bool((q[problems.support] > 0).all()) and bool((q[~problems.support] == 0).all())
+    # The last half-sweep fits the (y, s) sums: each a sum of |T| products, mixed with the product
+    # distribution's (exact) sums; a few rounding errors per term.
+    eps = torch.finfo(torch.float64).eps
+    assert float((q.sum(2) - problems.p_ys).abs().max()) <= 4 * (p.shape[2] + 2) * eps * float(problems.p_ys.max())
+
+
+def fit_counting(monkeypatch, q: torch.Tensor, problems, sweeps: int = 100):
+    """_fit_marginals on ``q`` towards ``problems``' marginals, and the host reads of a tensor
+    (``float(t)``) it made."""
+    reads = []
+    original = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: reads.append(1) or original(self))
+    try:
+        fitted, error = broja_module._fit_marginals(q, problems.p_yt, problems.p_ys, sweeps=sweeps)
+    finally:
+        monkeypatch.undo()
+    return fitted, error, len(reads)
+
+
+@pytest.mark.parametrize("concentration, zeros", [(1.0, 0.0), (0.02, 0.3)])
+def test_the_projection_reads_the_device_only_after_sweeps_1_2_4_8(monkeypatch, concentration, zeros):
+    """Iterative proportional fitting reads on the host whether the batch has converged only after
+    sweeps 1, 2, 4, …: at most 7 reads for 100 sweeps (it was one a sweep), stopping at the first
+    of those where every marginal is within _PROJECTED."""
+    p = random_distributions(8, (3, 5, 4), concentration=concentration, zeros=zeros, seed=3)
+    problems = broja_module._Newton(p)
+    noise = torch.rand(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    far = problems.q * (0.5 + noise)  # off Δ_P: several sweeps to fit
+    fitted, error, reads = fit_counting(monkeypatch, far, problems)
+    assert 2 <= reads <= 7
+    exact = broja_module._marginal_error(fitted, problems.p_yt, problems.p_ys)
+    torch.testing.assert_close(error, exact, rtol=0, atol=0)
+    # It stopped at the first check where the batch had converged: after 2^(reads − 1) sweeps (or
+    # all 100 with 7 reads), not at the check before.
+    converged = float(error.max()) <= broja_module._PROJECTED
+    assert converged or reads == 7
+    if converged:
+        again, _ = broja_module._fit_marginals(far, problems.p_yt, problems.p_ys, sweeps=2 ** (reads - 1))
+        torch.testing.assert_close(again, fitted, rtol=0, atol=0)
+        _, before = broja_module._fit_marginals(far, problems.p_yt, problems.p_ys, sweeps=2 ** (reads - 2))
+        assert float(before.max()) > broja_module._PROJECTED
+    # The product distribution is in Δ_P already: one sweep, one read.
+    _, error, reads = fit_counting(monkeypatch, problems.q, problems)
+    assert reads == 1 and float(error.max()) <= broja_module._PROJECTED
+
+
+def test_lapack_calls_run_on_one_thread_and_the_thread_count_is_restored(monkeypatch):
+    """The batched Cholesky factorisations and triangular solves run with one torch thread (no
+    OpenMP barriers for a busy neighbour process to stall); the caller's count is left as it was."""
+    seen = []
+    for name in ("cholesky_ex", "solve_triangular"):
+        original = getattr(torch.linalg, name)
+        monkeypatch.setattr(
+            torch.linalg, name, lambda *a, _f=original, **k: seen.append(torch.get_num_threads()) or _f(*a, **k)
+        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = pid.broja_batch(random_distributions(4, (3, 4, 2), seed=5))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {1}
+    assert bool((result.gap <= 1e-8 / pid.LN2).all())
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from rid_fast import RIDLoss, RIDSchedule
 from rid_fast.distill.rid import GaussianRedundancy
@@ -384,41 +383,9 @@ def test_paper_variant_starts_where_the_official_code_does():
     assert isinstance(default.teacher_filter[-1], torch.nn.BatchNorm2d) and default.head[1].in_features == 16 * 4 * 4
 
 
-# ---- keyword arguments for the estimator's calls (data-parallel training: its process group) ------
+# ---- the contrastive estimators' process group (data-parallel training) ----------------------------
 
 
-class _RecordingEstimator(nn.Module):
-    """Stands in for a contrastive estimator: records the keyword arguments of every call."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-        self.scale = nn.Parameter(torch.ones(()))
-
-    def forward(self, x, y, **options):
-        self.calls.append(options)
-        return self.scale * (x * y).sum(1).mean()
-
-
-def test_rid_loss_passes_estimator_options_to_every_estimator_call():
-    group = object()  # what the trainer passes: the process group
-    rid = RIDLoss([(6,), (5,)], [(4,), (3,)], 3, estimator="infonce",
-                  estimator_options={"group": group, "gather": "ring"})  # fmt: skip
-    recorders = [_RecordingEstimator() for _ in rid.pairs]
-    for pair, recorder in zip(rid.pairs, recorders):
-        pair.redundancy = recorder
-    t, s, y = [torch.randn(8, 6), torch.randn(8, 5)], [torch.randn(8, 4), torch.randn(8, 3)], torch.arange(8) % 3
-    rid.filter_phase_loss(t, s, y, include_redundancy=True)
-    rid.student_phase_loss(t, s)
-    assert all(r.calls == [{"group": group, "gather": "ring"}] * 2 for r in recorders)
-    plain = RIDLoss([(6,)], [(4,)], 3, estimator="infonce")
-    plain.pairs[0].redundancy = recorder = _RecordingEstimator()
-    plain.student_phase_loss(t[:1], s[:1])
-    assert recorder.calls == [{}]  # nothing is passed unless asked
-
-
-def test_estimator_options_are_checked():
-    with pytest.raises(ValueError, match="estimator='gaussian' takes none"):
-        RIDLoss([(6,)], [(4,)], 3, estimator="gaussian", estimator_options={"group": None})
-    with pytest.raises(TypeError, match="estimator_options must be a mapping"):
-        RIDLoss([(6,)], [(4,)], 3, estimator="infonce", estimator_options=["group"])
+def test_rid_loss_gives_its_contrastive_estimators_the_group_and_gather():
+    rid = RIDLoss([(6,), (5,)], [(4,), (3,)], 3, estimator="infonce", gather="all_gather")
+    assert [(pair.redundancy.group, pair.redundancy.gather) for pair in rid.pairs] == [(None, "all_gather")] * 2

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from estimator_checks import LargestTensor
+from estimator_checks import LargestTensor, block_reduction, block_reduction_truth
 
 from rid_fast.ops import library, streaming
 
@@ -196,4 +196,23 @@ def test_symmetric_ops_read_no_tile_value_off_the_cpu(monkeypatch, tiles):
     want = direct_cross_entropy_rows_cols(q, k, scale)
     grads_want = torch.autograd.grad(sum((g * w).sum() for g, w in zip(want, weights)), (q, k, scale))
     for a, b in zip(got + grads_got, want + grads_want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("diagonal", [True, False], ids=["own-block", "other-block"])
+@pytest.mark.parametrize("reduction,clip", [("lse", None), ("lse", 1.5), ("softplus", None)])
+@pytest.mark.parametrize("shape", [(1, 1, 3), (37, 19, 17), (37, 56, 5)])
+def test_key_block_with_or_without_positives(small_tiles, shape, reduction, clip, diagonal):
+    """The row statistics of one block of keys, as the ring of rid_fast.ops.distributed calls them:
+    leaving out the diagonal (the process's own block) or not (another's, which holds no positive);
+    values and gradients of row-weighted sums against the direct formula."""
+    n_queries, n_keys, dim = shape
+    if diagonal and n_keys < 2:
+        pytest.skip("a block of one key, left out, has no entries (the ring skips it)")
+    q, k, scale = (t.detach() for t in _inputs(n_queries, n_keys, dim))
+    weights = torch.randn(n_queries, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    options = dict(reduction=reduction, clip=clip, diagonal=diagonal)
+    value, grads = block_reduction(streaming, q, k, scale, weights, **options)
+    truth, truth_grads = block_reduction_truth(q, k, scale, weights, **options)
+    for a, b in zip((value, *grads), (truth, *truth_grads)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

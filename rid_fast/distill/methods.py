@@ -242,8 +242,9 @@ class RID(DistillationMethod):
     student phases; ``weight`` is α. ``variant="paper"`` is the official code's system: its loss
     (:class:`~rid_fast.distill.rid.RIDLoss`), its schedule placement (unless ``schedule_placement``
     says otherwise), unstandardised teacher features (unless the distiller is told otherwise) and
-    the student in training mode during the filter phase, as there. ``estimator_options`` go to
-    every call of a contrastive redundancy estimator (:class:`~rid_fast.distill.rid.RIDLoss`)."""
+    the student in training mode during the filter phase, as there. ``group`` and ``gather`` go to
+    a contrastive redundancy estimator (:class:`~rid_fast.distill.rid.RIDLoss`): its negatives from
+    every process of the group."""
 
     phases = ("filter", "student")
 
@@ -264,7 +265,8 @@ class RID(DistillationMethod):
         min_variance: float = 1e-3,
         variant: str = "rid_fast",
         schedule_placement: str | None = None,
-        estimator_options: dict | None = None,
+        group=None,
+        gather: str = "ring",
     ):
         super().__init__()
         check_number("weight", weight, minimum=0.0)
@@ -278,7 +280,8 @@ class RID(DistillationMethod):
             temperature=temperature,
             min_variance=min_variance,
             variant=variant,
-            estimator_options=estimator_options,
+            group=group,
+            gather=gather,
         )
         if schedule_placement is None:
             schedule_placement = "paper" if variant == "paper" else "even"

@@ -52,9 +52,9 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,9 @@ from rid_fast.distill._checks import check_int, check_number
 from rid_fast.distill.schedule import RIDSchedule
 from rid_fast.mi import estimators
 from rid_fast.mi.critics import CosineCritic
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "RIDLoss",
@@ -216,10 +219,10 @@ class _LayerPair(nn.Module):
         impl,
         grid,
         min_variance,
-        estimator_options,
+        group,
+        gather,
     ):
         super().__init__()
-        self.estimator_options = estimator_options
         paper = variant == "paper"
         grid = None if paper else (4 if grid is None else grid)
         self.teacher_pool, self.student_pool, (t_shape, s_shape) = match_shapes(teacher_shape, student_shape, grid)
@@ -233,7 +236,7 @@ class _LayerPair(nn.Module):
             self.redundancy = GaussianRedundancy(channels, min_variance=min_variance)
         else:
             critic = CosineCritic(temperature, learnable=learn_temperature)
-            self.redundancy = _CONTRASTIVE[estimator](critic, impl=impl, check_values=False)
+            self.redundancy = _CONTRASTIVE[estimator](critic, impl=impl, check_values=False, group=group, gather=gather)
         self.contrastive = estimator != "gaussian"
         if paper:
             for module in (self.teacher_filter, self.head, self.student_filter):
@@ -250,25 +253,10 @@ class _LayerPair(nn.Module):
         """(D, logged estimate): D to minimise; the estimate is Î (nats) for contrastive
         estimators and D itself for the Gaussian term (without log σ² when not ``log_variance``)."""
         if self.contrastive:
-            estimate = self.redundancy(pool_to_vector(student), pool_to_vector(teacher), **self.estimator_options)
+            estimate = self.redundancy(pool_to_vector(student), pool_to_vector(teacher))
             return -estimate, estimate.detach()
         loss = self.redundancy(student, teacher, log_variance=log_variance)
         return loss, loss.detach()
-
-
-def _checked_estimator_options(options: Mapping[str, Any] | None, estimator: str) -> dict[str, Any]:
-    """``RIDLoss(estimator_options=...)`` as a dict: a mapping with string keys, given to a
-    contrastive estimator only."""
-    if options is None:
-        return {}
-    if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
-        raise TypeError(f"estimator_options must be a mapping of keyword names to values; got {options!r}")
-    if options and estimator not in CONTRASTIVE_ESTIMATORS:
-        raise ValueError(
-            f"estimator_options are passed to a contrastive estimator's calls; estimator={estimator!r} takes none "
-            f"(got {sorted(options)})"
-        )
-    return dict(options)
 
 
 #: Options ``variant="paper"`` fixes, with the value it takes them at.
@@ -300,9 +288,11 @@ class RIDLoss(nn.Module):
         variant: ``"rid_fast"`` (default) or ``"paper"``, the official code's system (module notes);
             ``"paper"`` refuses ``estimator``, ``filter_channels``, ``filter_hidden``, ``grid`` and
             ``min_variance`` at anything but their defaults.
-        estimator_options: keyword arguments added to every call of a contrastive estimator, in
-            both phases — in data-parallel training the process group to draw negatives from
-            (``group=``, ``gather=``); none by default. The Gaussian term takes none.
+        group, gather: a contrastive estimator's process group and how keys travel (see
+            :mod:`rid_fast.mi.functional`): under data parallelism its estimate is over the global
+            batch, with gradients in DDP's averaging convention. The Gaussian term is a mean over
+            each process's own rows (DDP's average of it is the global mean when the processes
+            hold equal batches) and takes no group.
 
     Shape: ``teacher_feats[k]`` (B, *teacher_shapes[k]), ``student_feats[k]`` (B, *student_shapes[k]),
     ``labels`` (B,) class indices; a wrong layer count, shape or batch size is a ``ValueError``
@@ -325,7 +315,8 @@ class RIDLoss(nn.Module):
         min_variance: float = 1e-3,
         learn_temperature: bool = False,
         variant: str = "rid_fast",
-        estimator_options: Mapping[str, Any] | None = None,
+        group: ProcessGroup | None = None,
+        gather: str = "ring",
     ) -> None:
         super().__init__()
         if len(teacher_shapes) != len(student_shapes) or not teacher_shapes:
@@ -352,7 +343,6 @@ class RIDLoss(nn.Module):
         check_number("min_variance", min_variance, minimum=0.0, inclusive=False)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}; got {variant!r}")
-        estimator_options = _checked_estimator_options(estimator_options, estimator)
         if variant == "paper":
             given = {"estimator": estimator, "filter_channels": filter_channels, "filter_hidden": filter_hidden,
                      "grid": grid, "min_variance": min_variance}  # fmt: skip
@@ -381,7 +371,8 @@ class RIDLoss(nn.Module):
                 impl=impl,
                 grid=grid,
                 min_variance=min_variance,
-                estimator_options=estimator_options,
+                group=group,
+                gather=gather,
             )
             for t, s in zip(self.teacher_shapes, self.student_shapes)
         )

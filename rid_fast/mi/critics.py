@@ -2,8 +2,10 @@ r"""Critics: the functions :math:`s_{ij} = f(x_i, y_j)` the estimators score pai
 
 A critic is *separable* when its score matrix factors as :math:`S = q k^\top` with ``q`` computed
 from ``x`` alone and ``k`` from ``y`` alone (dot, cosine, bilinear). The fast paths consume the
-factors and never build ``S``; the pairwise MLP (:class:`ConcatCritic`) is not separable: the
-estimators take its ``S`` (reference formulas), built a block of rows at a time.
+factors and never build ``S``. The pairwise MLP (:class:`ConcatCritic`) is not separable, but its
+scores are a fixed function of per-row factors, :math:`s_{ij} = w_2^\top\mathrm{relu}(a_i + c_j) + b_2`
+(``pairwise``): the estimators reduce them with their own fused ops, never building ``S`` nor the
+B × N × H hidden layer either.
 
 Example::
 
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rid_fast.ops.dispatch import check_positive_int
+from rid_fast.ops.pairwise_reference import pairwise_scores
 
 __all__ = [
     "CRITICS",
@@ -68,6 +71,8 @@ class Critic(nn.Module):
 
     #: Whether :meth:`factors` is available (the score matrix factors as q kᵀ).
     separable: ClassVar[bool] = True
+    #: Whether ``pairwise_factors`` is available (scores w₂ᵀ relu(a_i + c_j) + b₂, :class:`ConcatCritic`).
+    pairwise: ClassVar[bool] = False
     #: Whether x and y must have the same number of features.
     same_features: ClassVar[bool] = True
     #: The feature widths the critic's weights take, x (B, x_dim) and y (N, y_dim); None where
@@ -164,56 +169,27 @@ class BilinearCritic(Critic, _TemperatureMixin):
         return q, y, inverse_temperature(self.temperature, q)
 
 
-#: Elements of one (rows, N, H) block of the pairwise MLP's hidden layer (64 MiB in fp32): the
-#: score matrix is built, and differentiated, a block of rows at a time.
-PAIRWISE_BLOCK_ELEMENTS = 1 << 24
-
-
-def _row_blocks(n_rows: int, n_cols: int, hidden: int):
-    rows = max(1, PAIRWISE_BLOCK_ELEMENTS // max(1, n_cols * hidden))
-    for start in range(0, n_rows, rows):
-        yield slice(start, min(start + rows, n_rows))
-
-
-class _PairwiseMLPScores(torch.autograd.Function):
-    r""":math:`S_{ij} = w^\top \mathrm{relu}(a_i + c_j) + b` from a (B, H), c (N, H), w (H,), b ():
-    (B, N). The (B, N, H) hidden layer exists one row block at a time, in the forward and again in
-    the backward (recomputed from a and c), so memory is O(B·N + block) instead of O(B·N·H)."""
-
-    @staticmethod
-    def forward(ctx, a: Tensor, c: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        scores = a.new_empty(a.shape[0], c.shape[0])
-        for rows in _row_blocks(a.shape[0], *c.shape):
-            hidden = (a[rows, None, :] + c[None]).relu_()  # (r, N, H)
-            scores[rows] = hidden @ w
-        ctx.save_for_backward(a, c, w)
-        return scores.add_(b)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        a, c, w = ctx.saved_tensors
-        grad = grad.to(a.dtype)
-        da, dc, dw = torch.empty_like(a), torch.zeros_like(c), torch.zeros_like(w)
-        for rows in _row_blocks(a.shape[0], *c.shape):
-            hidden = (a[rows, None, :] + c[None]).relu_()  # (r, N, H), recomputed
-            g = grad[rows]  # (r, N)
-            dw += hidden.reshape(-1, hidden.shape[-1]).T @ g.reshape(-1)
-            d_pre = hidden.gt_(0).mul_(w).mul_(g[..., None])  # ∂S/∂(a_i + c_j), in place of the block
-            da[rows] = d_pre.sum(1)
-            dc += d_pre.sum(0)
-        return da, dc, dw, grad.sum()
-
-
 class ConcatCritic(Critic):
-    r"""Pairwise MLP :math:`s_{ij} = w_2^\top \mathrm{relu}(A x_i + C y_j + b_1) + b_2` (hidden H).
+    r"""Pairwise MLP :math:`s_{ij} = w_2^\top \mathrm{relu}(A x_i + C y_j + b_1) + b_2` (hidden H),
+    MINE's and SMILE's joint critic.
 
-    Not separable, so the estimators take its (B, N) score matrix and use the reference formulas;
-    the (B, N, H) hidden layer is never held whole (built and differentiated a block of rows at a
-    time, :data:`PAIRWISE_BLOCK_ELEMENTS`): memory O(B·N) rather than O(B·N·H).
+    Not separable, but every estimator runs from its factors :math:`a = A x + b_1` (B, H),
+    :math:`c = C y` (N, H), :math:`w_2` (H,), :math:`b_2` () (:meth:`pairwise_factors`) through the
+    fused pairwise ops — the C++ kernel on the CPU, the Triton kernels on CUDA, blocked PyTorch
+    otherwise (``impl``, see :mod:`rid_fast.mi.functional`): memory O((B + N)·H), never the (B, N)
+    scores nor the (B, N, H) hidden layer. :meth:`scores` (``impl="reference"``) builds both.
+
+    Example::
+
+        >>> import torch
+        >>> from rid_fast.estimators import DV
+        >>> critic = ConcatCritic(16, 8, hidden=32)
+        >>> DV(critic)(torch.randn(64, 16), torch.randn(64, 8)).shape
+        torch.Size([])
     """
 
     separable: ClassVar[bool] = False
+    pairwise: ClassVar[bool] = True
     same_features: ClassVar[bool] = False
 
     def __init__(self, x_dim: int, y_dim: int, hidden: int = 64) -> None:
@@ -225,7 +201,11 @@ class ConcatCritic(Critic):
         self.y_in = nn.Linear(y_dim, hidden, bias=False)  # C
         self.out = nn.Linear(hidden, 1)  # w2, b2
 
+    def pairwise_factors(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(a, c, w2, b2)`` in one dtype (a's, e.g. an autocast dtype): a = A x + b₁ (B, H), c = C y (N, H)."""
+        a, c = self.x_in(x), self.y_in(y)
+        return a, c.to(a.dtype), self.out.weight[0].to(a.dtype), self.out.bias[0].to(a.dtype)
+
     def scores(self, x: Tensor, y: Tensor) -> Tensor:
-        a, c = self.x_in(x), self.y_in(y)  # (B, H), (N, H)
-        c = c.to(a.dtype)
-        return _PairwiseMLPScores.apply(a, c, self.out.weight[0].to(a.dtype), self.out.bias[0].to(a.dtype))
+        """The (B, N) scores, through the whole (B, N, H) hidden layer at once (the oracle)."""
+        return pairwise_scores(*self.pairwise_factors(x, y))

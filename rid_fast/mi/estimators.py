@@ -6,9 +6,9 @@ critic (and the encoders producing ``x``, ``y``). InfoNCE, NWJ and DV estimate l
 biased upwards, the log of a mean). SMILE's value is not a bound — its gradient is JS's, so
 maximising it trains the critic on JS — and JS's is a bound on a Jensen–Shannon divergence, not on
 :math:`I(X;Y)`. Every module calls :func:`rid_fast.mi.functional.estimate`, which checks the
-inputs against the critic (widths included) before anything runs. Separable critics run through
-the fast paths (``impl``); :class:`~rid_fast.mi.critics.ConcatCritic` materialises the score
-matrix and uses the reference formulas.
+inputs against the critic (widths included) before anything runs. Separable critics and
+:class:`~rid_fast.mi.critics.ConcatCritic` (from its pairwise factors) run through the fast paths
+(``impl``); other critics materialise the score matrix and use the reference formulas.
 
 Example::
 
@@ -25,7 +25,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +34,13 @@ from rid_fast.mi.critics import CRITICS, CosineCritic, Critic, DotCritic
 from rid_fast.mi.functional import DV_TERMS, ESTIMATORS, estimate
 from rid_fast.mi.reference import value_with_gradient_of
 from rid_fast.ops.dispatch import IMPLS, check_bool, check_choice
+from rid_fast.ops.distributed import GATHERS, check_group
 
 #: τ of a critic given by name.
 DEFAULT_TEMPERATURE = 0.1
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["MIEstimator", "InfoNCE", "NWJ", "DV", "SMILE", "JS", "MINE", "make_critic"]
 
@@ -65,6 +69,12 @@ class MIEstimator(nn.Module):
         temperature: τ of a critic given by name (default 0.1); a critic module holds its own.
         impl: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (see :mod:`rid_fast.mi.functional`).
         check_values: reject NaN/Inf inputs (one pass over them; skipped under torch.compile).
+        group: a ``torch.distributed`` process group: estimate over the rows of every process of it
+            (default None: this process's rows only); gradients follow DDP's averaging convention,
+            the critic's parameters and learnable temperature included (see
+            :mod:`rid_fast.mi.functional`).
+        gather: how the other processes' keys arrive, ``"ring"`` (default, memory O(B·D)) or
+            ``"all_gather"`` (O(W·B·D)).
     """
 
     name: ClassVar[str]
@@ -76,13 +86,18 @@ class MIEstimator(nn.Module):
         temperature: float | None = None,
         impl: str = "auto",
         check_values: bool = True,
+        group: ProcessGroup | None = None,
+        gather: str = "ring",
     ) -> None:
         super().__init__()
         check_choice("impl", impl, IMPLS)
         check_bool("check_values", check_values)
+        check_group(group)
+        check_choice("gather", gather, GATHERS)
         self.critic = make_critic(critic, temperature)
         self.impl = impl
         self.check_values = check_values
+        self.group, self.gather = group, gather
         self._options: dict = {}
 
     def _set_options(self, **options) -> None:
@@ -93,11 +108,16 @@ class MIEstimator(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """x (B, Dx), y (N, Dy), N ≥ B → scalar estimate in nats."""
-        return estimate(self.name, x, y, self.critic, impl=self.impl, check_values=self.check_values, **self._options)
+        return estimate(self.name, x, y, self.critic, **self._call_options(), **self._options)
+
+    def _call_options(self) -> dict:
+        """What every call to :func:`~rid_fast.mi.functional.estimate` takes from the module."""
+        return dict(impl=self.impl, check_values=self.check_values, group=self.group, gather=self.gather)
 
     def extra_repr(self) -> str:
         options = "".join(f", {key}={value}" for key, value in self._options.items())
-        return f"impl={self.impl!r}{options}"
+        group = f", group={self.group!r}, gather={self.gather!r}" if self.group is not None else ""
+        return f"impl={self.impl!r}{options}{group}"
 
 
 class InfoNCE(MIEstimator):
@@ -187,9 +207,7 @@ class MINE(MIEstimator):
         return self.log_partition_ema.clone()
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        positive_mean, log_partition = estimate(
-            DV_TERMS, x, y, self.critic, impl=self.impl, check_values=self.check_values
-        )
+        positive_mean, log_partition = estimate(DV_TERMS, x, y, self.critic, **self._call_options())
         value = positive_mean - log_partition
         if not (self.training and torch.is_grad_enabled()):
             return value

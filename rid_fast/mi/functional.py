@@ -24,7 +24,29 @@ differentiable scalar in fp32 (fp64 for fp64 inputs):
 * ``"triton"`` — fused Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``); under
   autograd with 16-bit inputs and D ≤ 128 the forward of the one-sided estimators also forms
   dq's weighted keys, so the backward sweeps once (for dk) instead of twice;
-* ``"reference"`` — plain PyTorch that materialises the B×N scores (the oracle, for tests).
+* ``"reference"`` — plain PyTorch that materialises the B×N scores (the oracle, for tests);
+* ``"cpp"`` — the pairwise-MLP critic's compiled CPU kernel (:class:`~rid_fast.mi.critics.ConcatCritic`
+  only; see :mod:`rid_fast.ops.pairwise_cpp`).
+
+With :class:`~rid_fast.mi.critics.ConcatCritic` (through :func:`estimate` and the estimator
+modules) ``"auto"`` is the C++ kernel on CPU tensors — compiled on first use, the blocked PyTorch
+path (``"torch"``, :mod:`rid_fast.ops.pairwise_streaming`) where it cannot be built — and the
+Triton kernels on CUDA tensors; ``"reference"`` materialises the B × N × H hidden layer.
+
+``group`` (a ``torch.distributed`` process group; default None, this process only) makes the
+estimate one over the batch of every process: ``x``, ``y`` are this process's rows (N = B on each
+process, B may differ between them) and the value, the same on every process, is the
+single-process estimate on the rank-ordered concatenation of all processes' rows — positives are
+the pairs with the same global index, every other global pair a negative. Gradients follow DDP's
+convention: the gradient reaching this process's ``x``, ``y`` (and a temperature) is W times its
+share of the global estimate's, so that once DDP averages parameter gradients over the W
+processes every parameter (critic, learnable temperature, encoders) holds exactly the
+single-process gradient of the global estimate. Every process must run the backward, as under DDP.
+``gather`` says how the other processes' keys arrive: ``"ring"`` (default; key blocks passed
+around the processes, memory O(B·D) whatever the number of processes) or ``"all_gather"``
+(gathered at once with autograd, O(W·B·D)); see :mod:`rid_fast.mi.reductions`. The processes must
+call with the same estimator, options, critic, temperature, dtype and feature width; a
+disagreement is the same ``ValueError`` on every process, not a hang.
 
 ``check_values`` (default True) rejects NaN/Inf inputs and a non-positive tensor temperature; it
 costs one pass over the inputs and, on GPU, a device sync, and is skipped under ``torch.compile``.
@@ -45,6 +67,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +75,8 @@ from torch import Tensor
 
 from rid_fast.mi import reference
 from rid_fast.mi.critics import CRITICS, Critic, critic_factors
-from rid_fast.ops import library
-from rid_fast.ops.common import diagonal_scores
+from rid_fast.mi.distributed import check_group_call, check_rows_match, global_batch_sizes, is_distributed
+from rid_fast.mi.reductions import PairwiseReductions, ScoreReductions, score_reductions
 from rid_fast.ops.dispatch import (
     check_bool,
     check_choice,
@@ -61,75 +84,51 @@ from rid_fast.ops.dispatch import (
     check_positive,
     check_temperature,
     resolve_impl,
-    wants_grad,
-    weighted_keys_in_forward,
+    resolve_pairwise_impl,
 )
-from rid_fast.ops.streaming import one_sweep_pays
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["ESTIMATORS", "SMILE_GRADIENTS", "infonce", "nwj", "dv", "smile", "js", "mi_bound", "estimate"]
 
 
-# ---- estimator terms from the factors of S = σ q kᵀ (streaming / Triton backends) ----------
+# ---- estimator terms from the reductions of S = σ q kᵀ (streaming / Triton backends) ---------
 
 
-def _row_statistic(op: Callable, weighted_op: Callable, q: Tensor, k: Tensor, scale: Tensor, *args) -> Tensor:
-    """``op(q, k, scale, *args)`` — or, when training on the Triton backend where the forward can
-    also form dq's weighted keys, the same statistic from ``weighted_op`` (whose backward then
-    sweeps only for dk). ``args`` end with the backend."""
-    if weighted_keys_in_forward(q, k, scale, args[-1]):
-        return weighted_op(q, k, scale, *args)[0]
-    return op(q, k, scale, *args)
-
-
-def log_mean_exp_negatives(q: Tensor, k: Tensor, scale: Tensor, backend: str, clip: float | None = None) -> Tensor:
+def log_mean_exp_negatives(rows: ScoreReductions, clip: float | None = None) -> Tensor:
     r""":math:`\log \operatorname{mean}_{i\ne j} e^{c(s_{ij})}` from per-row off-diagonal log-sum-exps."""
-    n_queries, n_keys = q.shape[0], k.shape[0]
-    row_lse = _row_statistic(
-        library.lse_negatives, library.lse_negatives_with_weighted_keys, q, k, scale, clip, backend
-    )
+    row_lse = rows.lse_negatives(clip)
     # O(B) work: combine the rows in float64 so that only the per-row statistics carry fp32 roundoff
     # (NWJ exponentiates this value, turning absolute error into relative error).
-    total = torch.logsumexp(row_lse.double(), dim=0) - math.log(n_queries * (n_keys - 1))
+    total = rows.logsumexp(row_lse.double()) - math.log(rows.n_rows * (rows.n_keys - 1))
     return total.to(row_lse.dtype)
 
 
-def _one_sweep(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> bool:
-    """Train InfoNCE with gradients from the forward's sweep (streaming backend, autograd on, and
-    a shape where that is faster)."""
-    return backend == "torch" and wants_grad(q, k, scale) and one_sweep_pays(q.shape[0], k.shape[0], q.dtype)
-
-
-def _infonce_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str, symmetric: bool = False) -> Tensor:
+def _infonce_factors(rows: ScoreReductions, symmetric: bool = False) -> Tensor:
     # InfoNCE is minus the mean cross-entropy of each row against its diagonal target, plus log N.
     if symmetric:
-        loss_rows, loss_cols = library.cross_entropy_rows_cols(q, k, scale, backend)
-        loss = 0.5 * (loss_rows + loss_cols)
-    elif _one_sweep(q, k, scale, backend):
-        # Training on the streaming path: the gradients come from the forward's own sweep.
-        loss = library.cross_entropy_rows_mean_with_grad(q, k, scale)[0]
+        loss_rows, loss_cols = rows.cross_entropy_rows_cols()
+        loss = rows.mean(0.5 * (loss_rows + loss_cols))
     else:
-        loss = _row_statistic(
-            library.cross_entropy_rows, library.cross_entropy_rows_with_weighted_keys, q, k, scale, backend
-        )
-    return math.log(k.shape[0]) - loss.mean()
+        loss = rows.mean_cross_entropy_rows()
+    return math.log(rows.n_keys) - loss
 
 
-def _nwj_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> Tensor:
-    log_partition = log_mean_exp_negatives(q, k, scale, backend)
-    return diagonal_scores(q, k, scale).mean() - torch.exp(log_partition.double() - 1.0).to(log_partition.dtype)
+def _nwj_factors(rows: ScoreReductions) -> Tensor:
+    log_partition = log_mean_exp_negatives(rows)
+    return rows.mean(rows.positives()) - torch.exp(log_partition.double() - 1.0).to(log_partition.dtype)
 
 
-def _dv_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> Tensor:
-    return diagonal_scores(q, k, scale).mean() - log_mean_exp_negatives(q, k, scale, backend)
+def _dv_factors(rows: ScoreReductions) -> Tensor:
+    return rows.mean(rows.positives()) - log_mean_exp_negatives(rows)
 
 
-def _clipped_dv_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str, clip: float) -> Tensor:
-    return diagonal_scores(q, k, scale).mean() - log_mean_exp_negatives(q, k, scale, backend, clip)
+def _clipped_dv_factors(rows: ScoreReductions, clip: float) -> Tensor:
+    return rows.mean(rows.positives()) - log_mean_exp_negatives(rows, clip)
 
 
-def _smile_factors(
-    q: Tensor, k: Tensor, scale: Tensor, backend: str, clip: float = 5.0, gradient: str = "js"
-) -> Tensor:
+def _smile_factors(rows: ScoreReductions, clip: float = 5.0, gradient: str = "js") -> Tensor:
     """SMILE's value (the clipped DV) with JS's gradient, or with its own for ``gradient="clipped_dv"``.
 
     Under autograd with JS's gradient the forward sweeps the scores twice — the clipped
@@ -142,20 +141,16 @@ def _smile_factors(
     non-differentiable). That would save one of the forward's two sweeps; the backward would not
     change.
     """
-    if gradient == "clipped_dv" or not wants_grad(q, k, scale):
-        return _clipped_dv_factors(q, k, scale, backend, clip)
+    if gradient == "clipped_dv" or not rows.wants_grad():
+        return _clipped_dv_factors(rows, clip)
     with torch.no_grad():
-        value = _clipped_dv_factors(q, k, scale, backend, clip)
-    return reference.value_with_gradient_of(value, _js_factors(q, k, scale, backend))
+        value = _clipped_dv_factors(rows, clip)
+    return reference.value_with_gradient_of(value, _js_factors(rows))
 
 
-def _js_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> Tensor:
-    n_queries, n_keys = q.shape[0], k.shape[0]
-    positives = -F.softplus(-diagonal_scores(q, k, scale)).mean()
-    sums = _row_statistic(
-        library.softplus_negatives, library.softplus_negatives_with_weighted_keys, q, k, scale, backend
-    )
-    negatives = sums.sum() / (n_queries * (n_keys - 1))
+def _js_factors(rows: ScoreReductions) -> Tensor:
+    positives = -rows.mean(F.softplus(-rows.positives()))
+    negatives = rows.sum(rows.softplus_negatives()) / (rows.n_rows * (rows.n_keys - 1))
     return positives - negatives
 
 
@@ -181,8 +176,9 @@ def _check_smile_options(*, clip: float = 5.0, gradient: str = "js") -> None:
 @dataclass(frozen=True)
 class Estimator:
     """How one estimator is computed: from a materialised score matrix (the oracle) and from the
-    factors of S = σ q kᵀ with a streaming/fused backend; ``check_options(**options)`` validates
-    its keyword options."""
+    reductions of S = σ q kᵀ (:class:`rid_fast.mi.reductions.ScoreReductions`, over this process's
+    batch or a group's) with a streaming/fused backend; ``check_options(**options)`` validates its
+    keyword options."""
 
     from_scores: Callable[..., Tensor]
     from_factors: Callable[..., Tensor]
@@ -207,8 +203,8 @@ def _dv_terms_from_scores(scores: Tensor) -> tuple[Tensor, Tensor]:
     return scores.diagonal().mean(), reference.log_mean_exp_negatives(scores)
 
 
-def _dv_terms_from_factors(q: Tensor, k: Tensor, scale: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    return diagonal_scores(q, k, scale).mean(), log_mean_exp_negatives(q, k, scale, backend)
+def _dv_terms_from_factors(rows: ScoreReductions) -> tuple[Tensor, Tensor]:
+    return rows.mean(rows.positives()), log_mean_exp_negatives(rows)
 
 
 #: DV's two terms apart, (mean positive score, log mean exp of the negatives): what MINE needs to
@@ -221,6 +217,7 @@ class NamedCritic:
     or a one-element tensor, learnable), with the interface of :class:`rid_fast.mi.critics.Critic`."""
 
     separable = True
+    pairwise = False
     same_features = True
     x_dim = y_dim = None
 
@@ -247,14 +244,19 @@ def estimate(
     *,
     impl: str = "auto",
     check_values: bool = True,
+    group: ProcessGroup | None = None,
+    gather: str = "ring",
     **options,
 ):
     """The one front door of every estimator, functional or module: validate ``x`` and ``y`` for
     ``critic``, pick the implementation, and evaluate ``estimator`` (a name of
     :data:`ESTIMATORS`, or an :class:`Estimator`) with ``options``.
 
-    Separable critics run on the streaming or fused backends from their factors (q, k, σ); the
-    reference implementation and non-separable critics reduce the materialised score matrix.
+    Separable critics run on the streaming or fused backends from their factors (q, k, σ), the
+    pairwise-MLP critic (``critic.pairwise``) from its factors (a, c, w₂, b₂); the reference
+    implementation, and any other critic, reduce the materialised score matrix. Under ``group=``
+    (more than one process; separable critics) the estimate is over the global batch
+    (:mod:`rid_fast.mi.distributed`, :mod:`rid_fast.mi.reductions`).
     """
     if isinstance(estimator, str):
         check_choice("estimator", estimator, ESTIMATORS)
@@ -266,21 +268,49 @@ def estimate(
         )
     estimator.check_options(**options)
     check_bool("check_values", check_values)
-    check_pair(
-        x,
-        y,
-        same_features=critic.same_features,
-        features=(critic.x_dim, critic.y_dim),
-        features_for=critic.describe(),
-        square=options.get("symmetric", False),
-        needs_negatives=estimator.needs_negatives,
-        check_values=check_values,
-    )
-    backend = resolve_impl(impl, x.device, x.dtype)
-    if backend == "reference" or not critic.separable:
+    check_group_call(group, gather, separable=critic.separable, critic=critic.describe(), impl=impl)
+    distributed = is_distributed(group)
+    try:  # under a group, what only this process sees wrong is first told to the others
+        check_pair(
+            x,
+            y,
+            same_features=critic.same_features,
+            features=(critic.x_dim, critic.y_dim),
+            features_for=critic.describe(),
+            square=options.get("symmetric", False),
+            needs_negatives=estimator.needs_negatives and not distributed,
+            check_values=check_values,
+        )
+        if distributed:
+            check_rows_match(x, y)
+        backend = (resolve_pairwise_impl if critic.pairwise else resolve_impl)(impl, x.device, x.dtype)
+        if backend != "reference" and critic.separable:
+            q, k, scale = critic.factors(x, y)
+    except (ValueError, TypeError) as error:
+        if not distributed:
+            raise
+        local_error = error
+    else:
+        local_error = None
+    sizes = None
+    if distributed:
+        fields = {
+            "the estimator": estimator.from_factors.__qualname__,
+            "the estimator's options": sorted(options.items()),
+            "the critic": critic.describe(),
+            "the implementation": impl,
+            "gather": gather,
+        }
+        sizes = global_batch_sizes(group, x, y, None if local_error else scale, fields=fields, local_error=local_error)
+        if estimator.needs_negatives and sum(sizes) < 2:
+            raise ValueError(f"this estimator averages over negative pairs (i ≠ j) and needs N ≥ 2; got N={sum(sizes)}")
+    if backend == "reference" or not (critic.separable or critic.pairwise):
         return estimator.from_scores(critic.scores(x, y), **options)
-    q, k, scale = critic.factors(x, y)
-    return estimator.from_factors(*autocast_factors(q, k, backend), scale, backend, **options)
+    if critic.pairwise:
+        return estimator.from_factors(PairwiseReductions(*critic.pairwise_factors(x, y), backend), **options)
+    q, k = autocast_factors(q, k, backend)
+    rows = score_reductions(q, k, scale, backend, group=group, gather=gather, sizes=sizes)
+    return estimator.from_factors(rows, **options)
 
 
 def _named(
@@ -294,7 +324,8 @@ def _named(
     check_values: bool,
     **options,
 ) -> Tensor:
-    """Estimator ``name`` with a critic given by name (the public functions below)."""
+    """Estimator ``name`` with a critic given by name (the public functions below); ``options``
+    include ``group`` and ``gather``."""
     return estimate(
         name, x, y, NamedCritic(critic, temperature, check_values=check_values), impl=impl, check_values=check_values,
         **options,
@@ -320,6 +351,8 @@ def infonce(
     symmetric: bool = False,
     impl: str = "auto",
     check_values: bool = True,
+    group: ProcessGroup | None = None,
+    gather: str = "ring",
 ) -> Tensor:
     r"""InfoNCE (van den Oord et al. 2018): :math:`\hat I = \frac1B\sum_i \big[s_{ii} -
     \log\sum_{j<N} e^{s_{ij}}\big] + \log N \le \log N`.
@@ -345,6 +378,8 @@ def infonce(
         impl=impl,
         check_values=check_values,
         symmetric=symmetric,
+        group=group,
+        gather=gather,
     )
 
 
@@ -356,6 +391,8 @@ def nwj(
     critic: str = "dot",
     impl: str = "auto",
     check_values: bool = True,
+    group: ProcessGroup | None = None,
+    gather: str = "ring",
 ) -> Tensor:
     r"""NWJ / f-divergence bound (Nguyen, Wainwright & Jordan 2010):
     :math:`\hat I = \operatorname{mean}_i s_{ii} - e^{-1}\operatorname{mean}_{i\ne j} e^{s_{ij}}`.
@@ -372,7 +409,10 @@ def nwj(
         >>> nwj(x, y, temperature=1.0, critic="cosine").shape
         torch.Size([])
     """
-    return _named("nwj", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values)
+    return _named(
+        "nwj", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values, group=group,
+        gather=gather,
+    )  # fmt: skip
 
 
 def dv(
@@ -383,6 +423,8 @@ def dv(
     critic: str = "dot",
     impl: str = "auto",
     check_values: bool = True,
+    group: ProcessGroup | None = None,
+    gather: str = "ring",
 ) -> Tensor:
     r"""Donsker–Varadhan bound (the value MINE maximises):
     :math:`\hat I = \operatorname{mean}_i s_{ii} - \log\operatorname{mean}_{i\ne j} e^{s_{ij}}`.
@@ -401,7 +443,10 @@ def dv(
         >>> float(dv(x, y, temperature=0.5, critic="cosine")) > 0
         True
     """
-    return _named("dv", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values)
+    return _named(
+        "dv", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values, group=group,
+        gather=gather,
+    )  # fmt: skip
 
 
 def smile(
@@ -414,6 +459,8 @@ def smile(
     gradient: str = "js",
     impl: str = "auto",
     check_values: bool = True,
+    group: ProcessGroup | None = None,
+    gather: str = "ring",
 ) -> Tensor:
     r"""SMILE (Song & Ermon 2020): the value of DV with the partition's scores clipped to
     :math:`[-c, c]`, :math:`\hat I = \operatorname{mean}_i s_{ii} - \log\operatorname{mean}_{i\ne j}
@@ -445,7 +492,7 @@ def smile(
     """
     return _named(
         "smile", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values, clip=clip,
-        gradient=gradient,
+        gradient=gradient, group=group, gather=gather,
     )  # fmt: skip
 
 
@@ -457,6 +504,8 @@ def js(
     critic: str = "dot",
     impl: str = "auto",
     check_values: bool = True,
+    group: ProcessGroup | None = None,
+    gather: str = "ring",
 ) -> Tensor:
     r"""Jensen–Shannon (f-GAN) objective: :math:`\hat J = \operatorname{mean}_i[-\mathrm{softplus}(-s_{ii})]
     - \operatorname{mean}_{i\ne j}\mathrm{softplus}(s_{ij})`.
@@ -476,7 +525,10 @@ def js(
         >>> float(js(x, y, temperature=0.5, critic="cosine")) < 0
         True
     """
-    return _named("js", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values)
+    return _named(
+        "js", x, y, temperature=temperature, critic=critic, impl=impl, check_values=check_values, group=group,
+        gather=gather,
+    )  # fmt: skip
 
 
 _PUBLIC: dict[str, Callable[..., Tensor]] = {"infonce": infonce, "nwj": nwj, "dv": dv, "smile": smile, "js": js}

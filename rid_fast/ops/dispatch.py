@@ -7,6 +7,7 @@ silently wrong number.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections.abc import Iterable
@@ -17,8 +18,11 @@ __all__ = [
     "IMPLS",
     "TRITON_DTYPES",
     "resolve_impl",
+    "resolve_pairwise_impl",
+    "pairwise_status",
     "triton_status",
     "check_pair",
+    "check_pairwise_factors",
     "check_temperature",
     "check_choice",
     "check_bool",
@@ -26,8 +30,9 @@ __all__ = [
     "check_positive_int",
 ]
 
-#: Implementations an estimator can run on. ``"auto"`` resolves to one of the others.
-IMPLS = ("auto", "reference", "torch", "triton")
+#: Implementations an estimator can run on. ``"auto"`` resolves to one of the others; ``"cpp"``
+#: is the pairwise-MLP critic's compiled CPU kernel (:mod:`rid_fast.ops.pairwise_cpp`).
+IMPLS = ("auto", "reference", "torch", "triton", "cpp")
 
 
 def _is_compiling() -> bool:
@@ -93,12 +98,64 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = No
     run is an error.
     """
     check_choice("impl", impl, IMPLS)
+    if impl == "cpp":
+        raise ValueError(
+            "impl='cpp' is the pairwise-MLP critic's (ConcatCritic's) C++ kernel; separable critics take "
+            "'auto', 'torch', 'triton' or 'reference'"
+        )
     if impl == "auto":
         if device.type == "cuda" and dtype in TRITON_DTYPES and triton_status(device)[0]:
             return "triton"
         return "torch"
     if impl == "triton":
         ok, why = triton_status(device)
+        if not ok:
+            raise ValueError(f"impl='triton' cannot run on {device.type} tensors: {why}")
+        if dtype is not None and dtype not in TRITON_DTYPES:
+            raise ValueError(f"impl='triton' takes float16, bfloat16 or float32 inputs; got {dtype} (use impl='torch')")
+    return impl
+
+
+def _pairwise_triton_status(device: torch.device) -> tuple[bool, str]:
+    ok, why = triton_status(device)
+    if ok and importlib.util.find_spec("rid_fast.kernels.pairwise") is None:
+        return False, "this build has no Triton kernels for the pairwise-MLP critic (rid_fast.kernels.pairwise)"
+    return ok, why
+
+
+def pairwise_status(device: torch.device | str = "cpu") -> tuple[str, str]:
+    """Which backend ``impl="auto"`` runs the pairwise-MLP critic's reductions on for ``device``,
+    and why: the Triton kernels on CUDA, the C++ kernel on the CPU (built on the first call),
+    the blocked PyTorch path where neither can run."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        ok, why = _pairwise_triton_status(device)
+        return ("triton", why) if ok else ("torch", f"Triton kernels unavailable: {why}")
+    if device.type == "cpu":
+        from rid_fast.ops import pairwise_cpp
+
+        ok, why = pairwise_cpp.status()
+        return ("cpp", why) if ok else ("torch", f"C++ kernel unavailable: {why}")
+    return "torch", f"no fused kernel for {device.type} tensors"
+
+
+def resolve_pairwise_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """:func:`resolve_impl` for the pairwise-MLP critic: ``"auto"`` is the C++ kernel on CPU
+    tensors (the blocked PyTorch path if it cannot be built) and the Triton kernels on CUDA tensors
+    of a dtype they take; ``"cpp"`` or ``"triton"`` where they cannot run is an error that says why."""
+    check_choice("impl", impl, IMPLS)
+    if impl == "auto":
+        if device.type == "cuda" and dtype not in TRITON_DTYPES:
+            return "torch"
+        return pairwise_status(device)[0]
+    if impl == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"impl='cpp' runs on CPU tensors; got {device.type} tensors")
+        backend, why = pairwise_status(device)
+        if backend != "cpp":
+            raise ValueError(f"impl='cpp' cannot run: {why}")
+    if impl == "triton":
+        ok, why = _pairwise_triton_status(device)
         if not ok:
             raise ValueError(f"impl='triton' cannot run on {device.type} tensors: {why}")
         if dtype is not None and dtype not in TRITON_DTYPES:
@@ -185,6 +242,45 @@ def check_pair(
     if check_values:
         check_finite("x", x)
         check_finite("y", y)
+
+
+#: Rows of the pairwise ops' inputs each op needs beyond N ≥ B ≥ 1.
+_PAIRWISE_NEEDS = {"cross_entropy_rows_cols": "square", "lse_negatives": "negatives", "softplus_negatives": "negatives"}
+
+
+def check_pairwise_factors(a: object, c: object, w2: object, b2: object, *, op: str | None = None) -> None:
+    """The pairwise-MLP critic's factors: a (B, H), c (N, H), w2 (H,), b2 () of one floating dtype
+    on one device, N ≥ B ≥ 1, H ≥ 1; N = B for ``op="cross_entropy_rows_cols"``, N ≥ 2 for the
+    off-diagonal ops (``"lse_negatives"``, ``"softplus_negatives"``)."""
+    shapes = (("a", a, 2, "(B, H)"), ("c", c, 2, "(N, H)"), ("w2", w2, 1, "(H,)"), ("b2", b2, 0, "()"))
+    for name, t, rank, shape in shapes:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {shape}; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating-point dtype; got {t.dtype}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have shape {shape} ({rank}-D); got {describe_tensor(t)}")
+    assert isinstance(a, torch.Tensor) and isinstance(c, torch.Tensor)
+    assert isinstance(w2, torch.Tensor) and isinstance(b2, torch.Tensor)
+    hidden = a.shape[1]
+    if hidden == 0 or a.shape[0] == 0:
+        raise ValueError(f"a must have at least one row and one hidden unit; got {describe_tensor(a)}")
+    for name, width in (("c", c.shape[1]), ("w2", w2.shape[0])):
+        if width != hidden:
+            raise ValueError(f"{name} must have a's hidden width H = {hidden}; got {name} with H = {width}")
+    for name, t in (("c", c), ("w2", w2), ("b2", b2)):
+        if t.dtype != a.dtype:
+            raise TypeError(f"a, c, w2 and b2 must have one dtype; got a {a.dtype}, {name} {t.dtype}")
+        if t.device != a.device:
+            raise ValueError(f"a, c, w2 and b2 must be on one device; got a on {a.device}, {name} on {t.device}")
+    n_queries, n_keys = a.shape[0], c.shape[0]
+    if n_keys < n_queries:
+        raise ValueError(f"c must have at least as many rows as a (N ≥ B); got B={n_queries}, N={n_keys}")
+    needs = _PAIRWISE_NEEDS.get(op or "")
+    if needs == "square" and n_keys != n_queries:
+        raise ValueError(f"{op} needs N = B; got B={n_queries}, N={n_keys}")
+    if needs == "negatives" and n_keys < 2:
+        raise ValueError(f"{op} sums over negative pairs (i ≠ j) and needs N ≥ 2; got N={n_keys}")
 
 
 def check_temperature(temperature: object, *, check_values: bool = True) -> None:

@@ -40,7 +40,7 @@ Two details matter for speed on CPUs, both in :func:`_exp_shifted_`:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -58,7 +58,23 @@ __all__ = [
     "lse_negatives_backward",
     "softplus_negatives_forward",
     "softplus_negatives_backward",
+    "Tiles",
+    "MakeWeights",
+    "lse_rows",
+    "cross_entropy_rows_cols_statistics",
+    "softplus_sums",
+    "cross_entropy_rows_weights",
+    "cross_entropy_rows_cols_weights",
+    "lse_negatives_weights",
+    "softplus_negatives_weights",
 ]
+
+#: A stream of score tiles ``(rows, cols, tile)``, ``tile = S[rows, cols]`` freshly computed (its
+#: consumer may overwrite it). The reductions and weight builders below take any such stream, so
+#: the pairwise-MLP critic's blocked path (:mod:`rid_fast.ops.pairwise_streaming`) shares them.
+Tiles = Iterable[tuple[slice, slice, torch.Tensor]]
+#: ``make_weights_(tile, rows, cols)``: turns a tile of S into the tile of W = ∂L/∂S in place.
+MakeWeights = Callable[[torch.Tensor, slice, slice], None]
 
 
 #: Tile shape ``(block_rows, block_cols)`` for 4-byte compute; 8-byte compute halves the columns
@@ -210,11 +226,13 @@ def _backprop_tiles(
     return dq.to(q.dtype), dk.to(k.dtype), d_scale
 
 
-def _lse_rows(q: torch.Tensor, k: torch.Tensor, *, mask_diagonal: bool, clip: float | None) -> torch.Tensor:
-    """Online row log-sum-exp of the (clamped, diagonal-masked) scores; inputs already prepared."""
-    running_max = q.new_full((q.shape[0],), -math.inf)
-    running_sum = q.new_zeros(q.shape[0])
-    for rows, cols, tile in _Tiles(q, k):
+def lse_rows(tiles: Tiles, like: torch.Tensor, *, mask_diagonal: bool, clip: float | None) -> torch.Tensor:
+    """Online row log-sum-exp of the (clamped, diagonal-masked) scores streamed as ``tiles``, one
+    per row of ``like`` (B, ·) in its dtype and device. Every row's first tile must hold an entry
+    that is not masked (two columns at least, see :func:`_block_shape`)."""
+    running_max = like.new_full((like.shape[0],), -math.inf)
+    running_sum = like.new_zeros(like.shape[0])
+    for rows, cols, tile in tiles:
         if clip is not None:
             tile.clamp_(-clip, clip)
         if mask_diagonal and (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
@@ -236,7 +254,7 @@ def cross_entropy_rows_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Te
     Shapes: q (B, D), k (N, D), N ≥ B, scale () → (B,) in the compute dtype.
     """
     q_s, k_c = _prepare(q, k, scale)
-    return _lse_rows(q_s, k_c, mask_diagonal=False, clip=None) - diagonal_scores(q, k, scale)
+    return lse_rows(_Tiles(q_s, k_c), q_s, mask_diagonal=False, clip=None) - diagonal_scores(q, k, scale)
 
 
 @torch.no_grad()
@@ -248,14 +266,21 @@ def cross_entropy_rows_backward(
     cross-entropy backward, so the near-cancellation :math:`P_{ii} - 1` of a confident row happens
     on one number rather than between two accumulated matrix products.
     """
-    lse = (loss.to(compute_dtype(q.dtype)) + diagonal_scores(q, k, scale)).unsqueeze(1)
+    lse = loss.to(compute_dtype(q.dtype)) + diagonal_scores(q, k, scale)
+    return _backprop_tiles(q, k, scale, cross_entropy_rows_weights(lse), row_scale=grad)
+
+
+def cross_entropy_rows_weights(lse: torch.Tensor) -> MakeWeights:
+    r"""The weights of :math:`\sum_i g_i c_i` divided by :math:`g_i`, :math:`P - I`, from the row
+    log-sum-exps ``lse`` (B,)."""
+    lse = lse.unsqueeze(1)
 
     def make_weights_(tile: torch.Tensor, rows: slice, cols: slice) -> None:
         _exp_shifted_(tile, lse[rows])
         if (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
             diagonal.sub_(1.0)
 
-    return _backprop_tiles(q, k, scale, make_weights_, row_scale=grad)
+    return make_weights_
 
 
 #: Largest score strip (bytes) of :func:`cross_entropy_rows_mean_and_grad`.
@@ -342,13 +367,24 @@ def cross_entropy_rows_cols_forward(
     Shapes: q (B, D), k (B, D), scale () → ((B,), (B,)) in the compute dtype.
     """
     q_s, k_c = _prepare(q, k, scale)
-    n = q.shape[0]
     tiles = _Tiles(q_s, k_c)
-    spare = torch.empty_like(tiles.buffer)
-    row_max, row_sum = q_s.new_full((n,), -math.inf), q_s.new_zeros(n)
-    col_max, col_sum = q_s.new_full((n,), -math.inf), q_s.new_zeros(n)
-    one_shift_range = _one_shift_range(q_s.dtype)
-    share = _may_share_exponentials(q_s.device)
+    row_lse, col_lse = cross_entropy_rows_cols_statistics(tiles, q_s, k_c, torch.empty_like(tiles.buffer))
+    positives = diagonal_scores(q, k, scale)
+    return row_lse - positives, col_lse - positives
+
+
+def cross_entropy_rows_cols_statistics(
+    tiles: Tiles, rows_like: torch.Tensor, cols_like: torch.Tensor, spare: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column log-sum-exps of the scores streamed as ``tiles``, one per row of
+    ``rows_like`` and per row of ``cols_like``; ``spare`` is a scratch buffer at least as large
+    as a tile."""
+    n_rows, n_cols = rows_like.shape[0], cols_like.shape[0]
+    row_max, row_sum = rows_like.new_full((n_rows,), -math.inf), rows_like.new_zeros(n_rows)
+    col_max, col_sum = rows_like.new_full((n_cols,), -math.inf), rows_like.new_zeros(n_cols)
+    one_shift_range = _one_shift_range(rows_like.dtype)
+    share = _may_share_exponentials(rows_like.device)
+    spare = spare.view(-1)
     for rows, cols, tile in tiles:
         tile_row_max, tile_col_max = tile.amax(1), tile.amax(0)
         shift = tile_row_max.max()
@@ -358,11 +394,10 @@ def cross_entropy_rows_cols_forward(
             _online_lse_fold_(row_max[rows], row_sum[rows], tile_row_max, exp.sum(1), shift)
             _online_lse_fold_(col_max[cols], col_sum[cols], tile_col_max, exp.sum(0), shift)
         else:  # rows or columns far below the tile's maximum: each side its own shift
-            tile_copy = spare[: tile.shape[0], : tile.shape[1]].copy_(tile)
+            tile_copy = spare[: tile.numel()].view(tile.shape).copy_(tile)
             _online_lse_update_(tile, row_max[rows], row_sum[rows], dim=1)
             _online_lse_update_(tile_copy, col_max[cols], col_sum[cols], dim=0)
-    positives = diagonal_scores(q, k, scale)
-    return _finish_lse(row_max, row_sum) - positives, _finish_lse(col_max, col_sum) - positives
+    return _finish_lse(row_max, row_sum), _finish_lse(col_max, col_sum)
 
 
 @torch.no_grad()
@@ -381,18 +416,30 @@ def cross_entropy_rows_cols_backward(
     """
     dtype = compute_dtype(q.dtype)
     positives = diagonal_scores(q, k, scale)
-    row_shift = (loss_rows.to(dtype) + positives).unsqueeze(1)
-    col_shift = (loss_cols.to(dtype) + positives).unsqueeze(0)
+    spare = q.new_empty(_block_shape(q.shape[0], k.shape[0], dtype), dtype=dtype)
+    make_weights_ = cross_entropy_rows_cols_weights(
+        grad_rows, grad_cols, loss_rows.to(dtype) + positives, loss_cols.to(dtype) + positives, spare
+    )
+    return _backprop_tiles(q, k, scale, make_weights_)
+
+
+def cross_entropy_rows_cols_weights(
+    grad_rows: torch.Tensor, grad_cols: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor, spare: torch.Tensor
+) -> MakeWeights:
+    r"""The weights of :math:`\sum_i a_i c^r_i + \sum_j b_j c^c_j` from the row and column
+    log-sum-exps (B,), (N,); ``spare`` is a scratch buffer at least as large as a tile."""
+    dtype = row_lse.dtype
+    row_shift, col_shift = row_lse.unsqueeze(1), col_lse.unsqueeze(0)
     row_weight = grad_rows.to(dtype).unsqueeze(1)
     col_weight = grad_cols.to(dtype).unsqueeze(0)
-    diagonal_weight = row_weight.squeeze(1) + col_weight.squeeze(0)
-    spare = q.new_empty(_block_shape(q.shape[0], k.shape[0], dtype), dtype=dtype)
+    diagonal_weight = row_weight.squeeze(1) + col_weight.squeeze(0)[: row_weight.shape[0]]
 
     one_shift_range = _one_shift_range(dtype)
-    share = _may_share_exponentials(q.device)
+    share = _may_share_exponentials(row_lse.device)
+    spare = spare.view(-1)
 
     def make_weights_(tile: torch.Tensor, rows: slice, cols: slice) -> None:
-        spare_tile = spare[: tile.shape[0], : tile.shape[1]]
+        spare_tile = spare[: tile.numel()].view(tile.shape)
         shift = tile.max() if share else None  # only the one-exponential branch needs it
         if (
             shift is not None
@@ -411,7 +458,7 @@ def cross_entropy_rows_cols_backward(
             first = max(rows.start, cols.start)
             diagonal.sub_(diagonal_weight[first : first + diagonal.numel()])
 
-    return _backprop_tiles(q, k, scale, make_weights_)
+    return make_weights_
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,15 +468,18 @@ def cross_entropy_rows_cols_backward(
 
 @torch.no_grad()
 def lse_negatives_forward(
-    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, clip: float | None = None
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, clip: float | None = None, diagonal: bool = True
 ) -> torch.Tensor:
     r"""Row log-sum-exp over the negatives, :math:`\ell_i = \log \sum_{j \ne i} e^{c(S_{ij})}`, with
     :math:`c` the clamp to :math:`[-\text{clip}, \text{clip}]` when ``clip`` is given.
 
-    Shapes: q (B, D), k (N, D), N ≥ 2, scale () → (B,) in the compute dtype.
+    ``diagonal=False`` says that this block of keys holds no positive (a block of another process's
+    keys, :mod:`rid_fast.ops.distributed`): every j is a negative, :math:`\log\sum_j e^{c(S_{ij})}`.
+
+    Shapes: q (B, D), k (N, D), N ≥ 2 (N ≥ 1 without the diagonal), scale () → (B,) in the compute dtype.
     """
     q_s, k_c = _prepare(q, k, scale)
-    return _lse_rows(q_s, k_c, mask_diagonal=True, clip=clip)
+    return lse_rows(_Tiles(q_s, k_c), q_s, mask_diagonal=diagonal, clip=clip)
 
 
 @torch.no_grad()
@@ -440,10 +490,19 @@ def lse_negatives_backward(
     scale: torch.Tensor,
     lse: torch.Tensor,
     clip: float | None = None,
+    diagonal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Gradients of :math:`\sum_i g_i \ell_i`: :math:`W_{ij} = g_i\, e^{c(S_{ij}) - \ell_i}\, c'(S_{ij})`
-    for :math:`j \ne i`, zero on the diagonal."""
-    shift = lse.to(compute_dtype(q.dtype)).unsqueeze(1)
+    for :math:`j \ne i`, zero on the diagonal (every j with ``diagonal=False``). ``lse`` need not be
+    this block's own: with the log-sum-exp over every block of keys, W is this block's share of it."""
+    make_weights_ = lse_negatives_weights(lse.to(compute_dtype(q.dtype)), clip, diagonal=diagonal)
+    return _backprop_tiles(q, k, scale, make_weights_, row_scale=grad)
+
+
+def lse_negatives_weights(lse: torch.Tensor, clip: float | None, *, diagonal: bool = True) -> MakeWeights:
+    r"""The weights of :math:`\sum_i g_i \ell_i` divided by :math:`g_i`, from ``lse`` = ℓ (B,); zero on
+    the diagonal unless ``diagonal=False`` (a block of keys without positives)."""
+    shift = lse.unsqueeze(1)
 
     def make_weights_(tile: torch.Tensor, rows: slice, cols: slice) -> None:
         inside = None
@@ -453,10 +512,10 @@ def lse_negatives_backward(
         _exp_shifted_(tile, shift[rows])
         if inside is not None:
             tile.mul_(inside)
-        if (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
-            diagonal.zero_()
+        if diagonal and (tile_diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
+            tile_diagonal.zero_()
 
-    return _backprop_tiles(q, k, scale, make_weights_, row_scale=grad)
+    return make_weights_
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,19 +529,29 @@ def _softplus_threshold(dtype: torch.dtype) -> float:
 
 
 @torch.no_grad()
-def softplus_negatives_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    r""":math:`\sigma_i = \sum_{j \ne i} \mathrm{softplus}(S_{ij})`.
+def softplus_negatives_forward(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, diagonal: bool = True
+) -> torch.Tensor:
+    r""":math:`\sigma_i = \sum_{j \ne i} \mathrm{softplus}(S_{ij})` (every j with ``diagonal=False``,
+    as :func:`lse_negatives_forward`).
 
     Shapes: q (B, D), k (N, D), N ≥ 2, scale () → (B,) in the compute dtype.
     """
     q_s, k_c = _prepare(q, k, scale)
     tiles = _Tiles(q_s, k_c)
-    values = torch.empty_like(tiles.buffer)
-    sums = q_s.new_zeros(q.shape[0])
+    return softplus_sums(tiles, q_s, torch.empty_like(tiles.buffer), diagonal=diagonal)
+
+
+def softplus_sums(tiles: Tiles, like: torch.Tensor, spare: torch.Tensor, *, diagonal: bool = True) -> torch.Tensor:
+    """Off-diagonal row sums of softplus of the scores streamed as ``tiles`` (every entry with
+    ``diagonal=False``), one per row of ``like``; ``spare`` is a scratch buffer at least as large as
+    a tile."""
+    sums = like.new_zeros(like.shape[0])
+    spare = spare.view(-1)
     for rows, cols, tile in tiles:
-        if (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
-            diagonal.fill_(-math.inf)  # softplus(-inf) = 0
-        softplus = values[: tile.shape[0], : tile.shape[1]]
+        if diagonal and (tile_diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
+            tile_diagonal.fill_(-math.inf)  # softplus(-inf) = 0
+        softplus = spare[: tile.numel()].view(tile.shape)
         torch.ops.aten.softplus.out(tile, 1.0, _softplus_threshold(tile.dtype), out=softplus)
         sums[rows] += softplus.sum(1)
     return sums
@@ -490,13 +559,20 @@ def softplus_negatives_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Te
 
 @torch.no_grad()
 def softplus_negatives_backward(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, diagonal: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Gradients of :math:`\sum_i g_i \sigma_i`: :math:`W_{ij} = g_i\,\mathrm{sigmoid}(S_{ij})`, j ≠ i."""
+    r"""Gradients of :math:`\sum_i g_i \sigma_i`: :math:`W_{ij} = g_i\,\mathrm{sigmoid}(S_{ij})`, j ≠ i
+    (every j with ``diagonal=False``)."""
+    return _backprop_tiles(q, k, scale, softplus_negatives_weights(diagonal=diagonal), row_scale=grad)
+
+
+def softplus_negatives_weights(*, diagonal: bool = True) -> MakeWeights:
+    """The weights of the softplus sums divided by the rows' incoming gradients: sigmoid, zero on the
+    diagonal unless ``diagonal=False``."""
 
     def make_weights_(tile: torch.Tensor, rows: slice, cols: slice) -> None:
         tile.sigmoid_()
-        if (diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
-            diagonal.zero_()
+        if diagonal and (tile_diagonal := _diagonal_of_tile(tile, rows, cols)) is not None:
+            tile_diagonal.zero_()
 
-    return _backprop_tiles(q, k, scale, make_weights_, row_scale=grad)
+    return make_weights_

@@ -32,22 +32,16 @@ __all__ = ["build_distiller", "check_models", "estimator_options", "schedule_len
 
 
 def estimator_options(config: ExperimentConfig, processes: Processes) -> dict:
-    """Keyword arguments for every call of the run's RID redundancy estimator
-    (``RIDLoss(estimator_options=...)``): none in one process, with ``distill.global_negatives``
-    off, or for a method without a contrastive estimator. Otherwise the estimator must draw its
-    negatives from every process's shard, which the estimators of this version cannot: a
-    ``ValueError`` that says so."""
+    """The process group of the run's contrastive RID estimator and how its keys travel
+    (``RID(group=..., gather=...)``): none in one process, with ``distill.global_negatives`` off, or
+    for a method without a contrastive estimator. Otherwise a group of every process, made for the
+    estimator alone (every process calls this, in the same order): its ring or all-gather then never
+    shares a communicator with DDP's gradient all-reduces, which run during the same backward."""
     _, preset = resolve_method(config.distill.method)
     contrastive = preset.get("estimator") in CONTRASTIVE_ESTIMATORS
     if not (processes.parallel and config.distill.global_negatives and contrastive):
         return {}
-    # Where the estimators take a process group: return {"group": torch.distributed.group.WORLD,
-    # "gather": config.distill.gather}.
-    raise ValueError(
-        f"distill.global_negatives is true, but {config.distill.method}'s estimator cannot yet take its negatives "
-        f"from all {processes.world_size} processes: set distill.global_negatives=false (negatives from each "
-        "process's own shard of the batch)"
-    )
+    return {"group": torch.distributed.new_group(), "gather": config.distill.gather}
 
 
 def build_distiller(
@@ -64,9 +58,7 @@ def build_distiller(
     run, distill = config.run, config.distill
     processes = processes or Processes()
     options = distill.method_options()
-    extra = estimator_options(config, processes)
-    if extra:
-        options["estimator_options"] = extra
+    options.update(estimator_options(config, processes))
     torch.manual_seed(run.seed)
     student = build_model(config.student.model, dataset.input_shape, dataset.num_classes)
     if processes.parallel:  # before the distiller hooks the student's layers, so that hooks see the new modules

@@ -52,7 +52,6 @@ from rid_fast.train.data import Dataset, Split, load_dataset, split
 from rid_fast.train.distillers import (
     build_distiller,
     check_models,
-    estimator_options,
     schedule_length,
     steps_per_epoch,
 )
@@ -146,7 +145,6 @@ class Trainer:
             self.dataset.y_train, per_class=config.data.per_class, val_fraction=config.data.val_fraction, seed=run.seed
         )
         distributed.check_global_batch(config.optim.batch_size, len(self.split.student), self.processes.world_size)
-        estimator_options(config, self.processes)  # refused here, before a teacher trains, if it cannot be honoured
         if teacher is None:
             check_models(config, self.dataset, self._steps_per_epoch())
             teacher = self._make_teacher()
