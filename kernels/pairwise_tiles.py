@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rid_fast.ops.common import pairwise_diagonal_scores
+
 from . import tuning
 
 __all__ = ["ScoreOperands", "prepare_scores", "positives", "check_inputs", "run"]
@@ -69,9 +71,8 @@ def prepare_scores(own: torch.Tensor, other: torch.Tensor, w2: torch.Tensor, b2:
     )
 
 
-def positives(a: torch.Tensor, c: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    r""":math:`s_{ii}` for i < B, O(B·H), fp32. (B,)"""
-    return torch.relu(a.float() + c[: a.shape[0]].float()) @ w2.float() + b2.float()
+#: The positives s_ii, O(B·H), fp32 for the kernels' dtypes (as the other backends).
+positives = pairwise_diagonal_scores
 
 
 def check_inputs(a: torch.Tensor, c: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, *, min_keys: int = 1) -> None:

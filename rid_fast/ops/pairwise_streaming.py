@@ -35,7 +35,7 @@ from collections.abc import Iterator
 import torch
 
 from rid_fast.ops import streaming
-from rid_fast.ops.common import compute_dtype
+from rid_fast.ops.common import compute_dtype, pairwise_diagonal_scores
 
 __all__ = [
     "BLOCK_ELEMENTS",
@@ -54,11 +54,8 @@ __all__ = [
 BLOCK_ELEMENTS = 1 << 22
 
 
-def positives(a: torch.Tensor, c: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    r""":math:`s_{ii}` for i < B in the compute dtype, O(B·H), differentiable. (B,)"""
-    dtype = compute_dtype(a.dtype)
-    a, c, w2 = a.to(dtype), c[: a.shape[0]].to(dtype), w2.to(dtype)
-    return torch.relu(a + c) @ w2 + b2.to(dtype)
+#: The positives s_ii (shared with the other backends).
+positives = pairwise_diagonal_scores
 
 
 class _PairwiseTiles:
