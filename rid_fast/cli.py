@@ -4,6 +4,7 @@
 
     rid-fast train --config FILE [key=value ...]              one distillation run
     rid-fast train --resume run.out_dir=RUN_DIR               continue it, with RUN_DIR/config.yaml
+    rid-fast train --overwrite --config FILE ...              a new run into a folder holding an earlier one
     torchrun --nproc_per_node K -m rid_fast.cli train ...     the same run, data-parallel over K processes
     rid-fast compare --config FILE --seeds K --out DIR        methods × teachers × seeds, paired report
     rid-fast plot RUN_DIR                                     plots of a run or a comparison
@@ -195,6 +196,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = resume_config(run_dir, overrides)
     else:
         config = _experiment_config(args)
+        if not args.overwrite:
+            _refuse_an_earlier_run(Path(config.run.out_dir))
     with data_parallel(config.run.device) as processes:
         say = print if processes.main else _silent
         if args.resume:
@@ -208,6 +211,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in final.items() if "/" not in k}
     say(f"run folder: {config.run.out_dir}\nfinal: {shown}")
     return 0
+
+
+def _refuse_an_earlier_run(run_dir: Path) -> None:
+    """A fresh run starts by deleting the checkpoints in its folder: when an earlier run left some
+    there, forgetting ``--resume`` would lose that run, so training stops unless ``--overwrite``."""
+    from rid_fast.train.loop import CHECKPOINT_NAMES
+
+    found = [name for name in CHECKPOINT_NAMES if (run_dir / "ckpt" / name).exists()]
+    if found:
+        raise ValueError(
+            f"run.out_dir {str(run_dir)!r} holds an earlier run (ckpt/{', ckpt/'.join(found)}): continue it with "
+            f"`rid-fast train --resume run.out_dir={run_dir}`, or train a new run there with --overwrite (its "
+            "checkpoints are then replaced), or choose another run.out_dir"
+        )
 
 
 def _silent(*args, **kwargs) -> None:
@@ -271,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in run.out_dir from its newest intact checkpoint, with the run's own config.yaml",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train a new run even when run.out_dir holds an earlier run's checkpoints (they are replaced)",
     )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.1 distill.method=vid")
     train.set_defaults(run=cmd_train)

@@ -124,6 +124,25 @@ def test_resume_refuses_overrides_that_change_the_run(tmp_path, tiny_yaml, capsy
     assert "holds no config.yaml" in capsys.readouterr().err
 
 
+def test_training_again_into_a_run_folder_needs_overwrite(tmp_path, tiny_yaml, capsys, monkeypatch):
+    """Forgetting --resume must not delete a run: a new run into a folder holding checkpoints stops
+    (before a teacher trains), and names both ways on; --overwrite trains the new run."""
+    run = tmp_path / "run"
+    train = ["train", "--config", str(tiny_yaml), *RUN_OVERRIDES, f"run.out_dir={run}"]
+    assert main(train) == 0
+    files = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(teachers, "fit_classifier", _no_teacher_training)
+        assert main(train) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert f"rid-fast train --resume run.out_dir={run}" in err and "--overwrite" in err
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == files
+    assert main([*train, "--overwrite"]) == 0
+    assert len(_metrics(run)) == 3
+
+
 CLI_BAD_VALUES = [
     ("optim.epochs=0", "optim.epochs must be at least 1; got 0"),
     ("optim.batch_size=0", "optim.batch_size must be at least 1; got 0"),

@@ -260,6 +260,9 @@ def test_features_of_the_wrong_shape_or_batch_are_refused(estimator):
         rid.filter_phase_loss(teacher, student, labels[:4], include_redundancy=False)
     with pytest.raises(TypeError, match="labels must hold integer class indices"):
         rid.filter_phase_loss(teacher, student, labels.float(), include_redundancy=False)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=rf"labels must be class indices in \[0, 3\) \(num_classes\); got {bad}"):
+            rid.filter_phase_loss(teacher, student, torch.tensor([0, 1, 2, bad, 0, 1]), include_redundancy=False)
     rid.filter_phase_loss(teacher, student, labels, include_redundancy=True)  # the right shapes pass
 
 

@@ -354,6 +354,7 @@ class RIDLoss(nn.Module):
                     )
         self.teacher_shapes = [tuple(shape) for shape in teacher_shapes]
         self.student_shapes = [tuple(shape) for shape in student_shapes]
+        self.num_classes = num_classes
         self.estimator = estimator
         self.variant = variant
         self.alpha = alpha
@@ -409,6 +410,15 @@ class RIDLoss(nn.Module):
                 raise ValueError(f"labels: expected shape ({batch[0]},), one class index per example; got {got}")
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
                 raise TypeError(f"labels must hold integer class indices; got {labels.dtype}")
+            # Checked here (one host read): out of range, cross_entropy fails deep inside (on CUDA, a
+            # device-side assert that ends the process).
+            if labels.numel():
+                low, high = (int(v) for v in torch.aminmax(labels))
+                if low < 0 or high >= self.num_classes:
+                    bad = low if low < 0 else high
+                    raise ValueError(
+                        f"labels must be class indices in [0, {self.num_classes}) (num_classes); got {bad}"
+                    )
 
     def _redundancy(self, teacher_sides, student_feats, *, phase: str):
         """Σ_k D_k and the per-layer estimates from the filtered teacher features ``teacher_sides``.
