@@ -258,13 +258,25 @@ def paired_differences(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _signed_percent(value: float) -> str:
+    """``+1.23`` / ``-0.45``; ``0.00`` for what rounds to zero (no ``-0.00``); ``—`` for NaN.
+
+    >>> [_signed_percent(v) for v in (1.234, -0.004, 0.0, -0.456, math.nan)]
+    ['+1.23', '0.00', '0.00', '-0.46', '—']
+    """
+    if math.isnan(value):
+        return "—"
+    rounded = round(value, 2)
+    return "0.00" if rounded == 0 else f"{rounded:+.2f}"
+
+
 def write_report(
     rows: list[dict], out_dir: Path, pid_rows: list[dict] | None = None, *, conditions: str | None = None
 ) -> None:
     """``report.md`` (the paired-difference table, the PID table when measured, and ``conditions``:
     what produced it) and the plots."""
     table = paired_differences(rows)
-    fmt = lambda v: "—" if isinstance(v, float) and math.isnan(v) else f"{v:+.2f}"  # noqa: E731
+    fmt = _signed_percent
     lines = [
         "# Comparison against no-KD (paired by seed)",
         "",
