@@ -457,8 +457,11 @@ def test_a_schedule_that_would_starve_the_student_is_refused_before_training(tmp
     monkeypatch.setattr(teachers, "fit_classifier", lambda *a, **k: pytest.fail("a teacher trained"))
     config = tiny_config(tmp_path, "distill.method=rid_gaussian", "distill.rid.n_rounds=5",
                          "distill.rid.filter_fraction=0.2", "optim.epochs=4", "teacher.optim.epochs=1")  # fmt: skip
-    with pytest.raises(ValueError, match=r"needs at least 18 student epochs \(23 epochs in all\); asked for 4"):
+    with pytest.raises(
+        ValueError, match=r"needs at least 18 student epochs \(23 epochs in all\); asked for 4"
+    ) as error:
         Trainer(config)
+    assert "(set by optim.epochs = 4 and distill.rid: n_rounds, filter_fraction" in str(error.value)
     no_equal = tiny_config(tmp_path, "distill.method=rid_gaussian", "distill.rid.n_rounds=5", "optim.epochs=6",
                            "distill.equal_student_steps=false", "teacher.optim.epochs=1")  # fmt: skip
     with pytest.raises(ValueError, match="cannot give each of its 5 rounds a filter epoch and a student epoch in 6"):

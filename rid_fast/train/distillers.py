@@ -95,9 +95,15 @@ def schedule_length(config: ExperimentConfig, distiller: Distiller, steps_per_ep
     Raises ``ValueError`` (saying what would do) when the schedule cannot be honoured."""
     epochs = config.optim.epochs
     student = epochs * steps_per_epoch if distiller.method.schedule_unit == "step" else epochs
-    if config.distill.equal_student_steps:
-        return distiller.total_for_student(student)
-    distiller.phase(0, student)  # checks that the schedule can be honoured over that length
+    try:
+        if config.distill.equal_student_steps:
+            return distiller.total_for_student(student)
+        distiller.phase(0, student)  # checks that the schedule can be honoured over that length
+    except ValueError as error:  # the schedule speaks of its own arguments: name the config keys that set them
+        raise ValueError(
+            f"{error} (set by optim.epochs = {epochs} and distill.rid: n_rounds, filter_fraction, "
+            "schedule_placement, schedule_unit)"
+        ) from None
     return student
 
 
