@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rid_fast.mi import functional
-from rid_fast.mi.critics import BilinearCritic, ConcatCritic, DotCritic
+from rid_fast.mi.critics import BilinearCritic, ConcatCritic, CosineCritic, DotCritic
 from rid_fast.mi.estimators import DV, JS, MINE, NWJ, SMILE, InfoNCE
 
 x8, y8 = torch.randn(8, 4), torch.randn(8, 4)
@@ -58,6 +58,11 @@ def test_bad_temperature(name, temperature, error, match):
 def test_bad_names():
     with pytest.raises(ValueError, match="critic must be one of 'dot', 'cosine'; got 'cos'"):
         functional.infonce(x8, y8, critic="cos")
+    with pytest.raises(
+        TypeError, match=r"got a CosineCritic module: .* rid_fast.estimators.InfoNCE\(CosineCritic"
+    ) as error:
+        functional.infonce(x8, y8, critic=CosineCritic(0.1))
+    assert len(str(error.value).splitlines()) == 1
     with pytest.raises(ValueError, match="impl must be one of .*got 'cuda'"):
         functional.infonce(x8, y8, impl="cuda")
     with pytest.raises(ValueError, match="estimator must be one of .*got 'mi'"):

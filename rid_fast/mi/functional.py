@@ -222,6 +222,12 @@ class NamedCritic:
     x_dim = y_dim = None
 
     def __init__(self, name: str, temperature: float | Tensor, *, check_values: bool = True) -> None:
+        if isinstance(name, torch.nn.Module):  # a learnable critic belongs to the modules
+            kind = type(name).__name__
+            raise TypeError(
+                f"critic must be one of {', '.join(map(repr, CRITICS))} here; got a {kind} module: critic modules "
+                f"go with the estimator modules, e.g. rid_fast.estimators.InfoNCE({kind}(...))"
+            )
         check_choice("critic", name, CRITICS)
         check_temperature(temperature, check_values=check_values)
         self.name, self.temperature = name, temperature
