@@ -410,15 +410,6 @@ class RIDLoss(nn.Module):
                 raise ValueError(f"labels: expected shape ({batch[0]},), one class index per example; got {got}")
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
                 raise TypeError(f"labels must hold integer class indices; got {labels.dtype}")
-            # Checked here (one host read): out of range, cross_entropy fails deep inside (on CUDA, a
-            # device-side assert that ends the process).
-            if labels.numel():
-                low, high = (int(v) for v in torch.aminmax(labels))
-                if low < 0 or high >= self.num_classes:
-                    bad = low if low < 0 else high
-                    raise ValueError(
-                        f"labels must be class indices in [0, {self.num_classes}) (num_classes); got {bad}"
-                    )
 
     def _redundancy(self, teacher_sides, student_feats, *, phase: str):
         """Σ_k D_k and the per-layer estimates from the filtered teacher features ``teacher_sides``.
@@ -454,7 +445,15 @@ class RIDLoss(nn.Module):
         teacher_sides = [pair.teacher_side(t.detach()) for pair, t in zip(self.pairs, teacher_feats)]
         for k, (pair, t_side) in enumerate(zip(self.pairs, teacher_sides)):
             logits = pair.head(t_side)
-            ce = ce + F.cross_entropy(logits, labels)
+            # A label outside [0, num_classes) is named after cross_entropy refuses it (on the CPU), not
+            # looked for beforehand: that would read a value on the host at every step.
+            try:
+                ce = ce + F.cross_entropy(logits, labels)
+            except IndexError:
+                bad = next(int(v) for v in labels.tolist() if not 0 <= v < self.num_classes)
+                raise ValueError(
+                    f"labels must be class indices in [0, {self.num_classes}) (num_classes); got {bad}"
+                ) from None
             logs[f"filter_acc/{k}"] = (logits.argmax(1) == labels).float().mean().detach()
         losses = {"filter_ce": ce}
         if include_redundancy:
