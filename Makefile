@@ -36,13 +36,20 @@ demo: setup
 # The Triton-interpreter tier is its own invocation: TRITON_INTERPRET must be set before Python
 # starts (it is read when kernels are decorated). A tier that collects nothing (pytest's exit code
 # 5, e.g. a mistyped marker) fails like any other.
+#
+# Each tier runs in pytest-xdist workers, one per core (at most 4: each holds torch and triton in
+# memory); tests/conftest.py gives each worker its share of the cores for torch's threads.
+# TEST_WORKERS=0 runs the tests in the pytest process itself.
+TEST_WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS)
+
 test: setup test-cpu test-interpret test-no-vectors
 
 test-cpu: setup
-	$(PY) -m pytest -m "not interpret and not gpu"
+	$(PYTEST) -m "not interpret and not gpu"
 
 test-interpret: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest -m interpret
+	TRITON_INTERPRET=1 $(PYTEST) -m interpret
 
 # The accuracy tests again with every vector path turned off: the width of a CPU's vectors changes
 # the order in which torch (ATEN_CPU_CAPABILITY), MKL (MKL_ENABLE_INSTRUCTIONS) and numpy, which
@@ -55,8 +62,8 @@ NO_VECTORS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 \
 ACCURACY_TESTS := tests/test_infonce.py tests/test_nwj.py tests/test_dv.py tests/test_smile.py tests/test_js.py
 
 test-no-vectors: setup
-	$(NO_VECTORS) $(PY) -m pytest -q -m "not interpret and not gpu" -k fp32 $(ACCURACY_TESTS)
-	$(NO_VECTORS) TRITON_INTERPRET=1 $(PY) -m pytest -q -m interpret tests/test_kernels_interpret.py \
+	$(NO_VECTORS) $(PYTEST) -q -m "not interpret and not gpu" -k fp32 $(ACCURACY_TESTS)
+	$(NO_VECTORS) TRITON_INTERPRET=1 $(PYTEST) -q -m interpret tests/test_kernels_interpret.py \
 		-k "fp32 and ((test_matches_reference and infonce) or far_below_zero)"
 
 bench: setup

@@ -1,9 +1,21 @@
+import os
 import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from rid_fast.ops import streaming
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` starts a worker per core) each worker takes its share of
+    the cores for torch's intra-op threads: every worker using every core would oversubscribe them,
+    and OpenMP's idle threads spin (batched LAPACK calls ran 4x slower). Tests that need several
+    threads set them themselves."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
 
 @pytest.fixture
