@@ -191,13 +191,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rid_fast.train.distributed import data_parallel
     from rid_fast.train.loop import Trainer
 
-    if args.resume:
-        run_dir, overrides = _resumed_run(args)
-        config = resume_config(run_dir, overrides)
-    else:
-        config = _experiment_config(args)
-        if not args.overwrite:
-            _refuse_an_earlier_run(Path(config.run.out_dir))
+    try:
+        if args.resume:
+            run_dir, overrides = _resumed_run(args)
+            config = resume_config(run_dir, overrides)
+        else:
+            config = _experiment_config(args)
+            if not args.overwrite:
+                _refuse_an_earlier_run(Path(config.run.out_dir))
+    except (ValueError, FileNotFoundError) as error:
+        raise SameInEveryProcess(str(error)) from None
     with data_parallel(config.run.device) as processes:
         say = print if processes.main else _silent
         if args.resume:
@@ -211,6 +214,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in final.items() if "/" not in k}
     say(f"run folder: {config.run.out_dir}\nfinal: {shown}")
     return 0
+
+
+class SameInEveryProcess(ValueError):
+    """An error that every process of a torchrun launch meets alike (it comes from the command line
+    and the files it names, before the processes part): process 0 alone reports it."""
 
 
 def _refuse_an_earlier_run(run_dir: Path) -> None:
@@ -373,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return args.run(args)
         except (ValueError, FileNotFoundError) as error:  # bad config or input: a message, not a traceback
-            print(f"{prefix}: error: {error}", file=sys.stderr)
+            if speaks or not isinstance(error, SameInEveryProcess):
+                print(f"{prefix}: error: {error}", file=sys.stderr)
             return 2
         except (KeyboardInterrupt, RuntimeError) as error:  # Ctrl-C: what was checkpointed is kept
             # A process waiting in a collective when the others stop fails there (the peer is gone)

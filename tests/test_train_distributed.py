@@ -118,6 +118,21 @@ def test_compare_under_torchrun_is_one_line(tmp_path, capsys, monkeypatch):
     assert err.startswith("rid-fast compare: error: compare trains its runs side by side") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("rank, lines", [(0, 1), (1, 0)])
+def test_a_config_error_under_torchrun_is_said_once(tmp_path, capsys, monkeypatch, rank, lines):
+    """Every process reads the same command line and files: process 0 alone says what is wrong."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the CLI's SIGTERM handler stays out of pytest
+    config = tmp_path / "c.yaml"
+    config.write_text("run: {progress: false}\n")
+    assert main(["train", "--config", str(config), "optim.epochs=0", f"run.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == lines and err.count("optim.epochs must be at least 1; got 0") == lines
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.count("missing.yaml") == lines
+
+
 # ---- the estimator's process-group options ---------------------------------------------------------
 
 
