@@ -10,10 +10,16 @@
 #   1. environment and install (pip install --no-deps -e ., test dependencies from .gpu_wheels)
 #   2. the headline benchmark: the issue's targets               (until 300 s before the end)
 #   3. the GPU test tier, pytest -m gpu in four parallel shards  (≤ 200 s)
-#   4. PID solver throughput on the GPU at (10, 10, 10) and (10, 20, 20), n = 256, 4096 and
+#      (with the pairwise-MLP critic's kernels, tests/test_pairwise_kernels_gpu.py, as a fifth shard)
+#   4. the pairwise-MLP critic: fused Triton kernels against eager, B = N = 16384, H = 256, bf16
+#                                                                  (≤ 60 s)
+#   5. PID solver throughput on the GPU at (10, 10, 10) and (10, 20, 20), n = 256, 4096 and
 #      65536, then the largest batch that fits                       (≤ 90 s)
-#   5. the benchmark sweep                                        (what is left)
-# Results: $OUT (the device tool's return folder), else benchmarks/results/gpu-session/.
+#   6. the benchmark sweep                                        (what is left)
+# Results: $OUT (the device tool's return folder), else benchmarks/results/gpu-session/. The device
+# tool brings back at most 8 files, so on the way out (also when a step times out or the script is
+# stopped) everything is packed into $OUT/gpu_session.tar.gz, beside session.log and the headline
+# table (headline.md), which is printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-session}
@@ -25,6 +31,20 @@ elapsed() { echo $(($(date +%s) - start)); }
 left() { echo $((BUDGET - $(elapsed))); }
 step() { echo "== [$(elapsed) s] $*" | tee -a "$OUT/session.log"; }
 
+pack() {
+    trap - EXIT INT TERM
+    step "pack"
+    local headline
+    headline=$(ls "$OUT"/gpu_*.md 2>/dev/null | head -1)
+    [ -n "$headline" ] && cp "$headline" "$OUT/headline.md"
+    tar czf "$OUT.tar.gz.part" -C "$OUT" --exclude gpu_session.tar.gz . &&
+        find "$OUT" -mindepth 1 -maxdepth 1 ! -name session.log ! -name headline.md -exec rm -rf {} + &&
+        mv "$OUT.tar.gz.part" "$OUT/gpu_session.tar.gz"
+    ls "$OUT"
+    [ -f "$OUT/headline.md" ] && cat "$OUT/headline.md"
+}
+trap pack EXIT
+trap 'exit 130' INT TERM
 step "environment"
 {
     nvidia-smi
@@ -62,8 +82,17 @@ for i in "${!shards[@]}"; do
     timeout 200 "$PY" -m pytest tests/test_gpu.py -m gpu -k "${shards[$i]}" -q -p no:cacheprovider -rfE \
         --junitxml "$OUT/gpu_tests_$i.xml" > "$OUT/gpu_tests_$i.txt" 2>&1 &
 done
+timeout 200 "$PY" -m pytest tests/test_pairwise_kernels_gpu.py -m gpu -q -p no:cacheprovider -rfE \
+    --junitxml "$OUT/gpu_tests_pairwise.xml" > "$OUT/gpu_tests_pairwise.txt" 2>&1 &
 wait
 for i in "${!shards[@]}"; do echo "shard $i (${shards[$i]}): $(tail -1 "$OUT/gpu_tests_$i.txt")"; done
+echo "pairwise-MLP critic: $(tail -1 "$OUT/gpu_tests_pairwise.txt")"
+
+step "pairwise-MLP critic"
+timeout 60 "$PY" benchmarks/pairwise_gpu_benchmark.py --batch 16384 --hidden 256 --dtype bfloat16 --out "$OUT" \
+    > "$OUT/pairwise.log" 2>&1
+echo "exit $?" >> "$OUT/pairwise.log"
+tail -8 "$OUT/pairwise.log"
 
 step "PID on the GPU"
 timeout 90 "$PY" benchmarks/pid_benchmark.py --device cuda --n 256 4096 65536 --shapes 10x10x10 10x20x20 \
