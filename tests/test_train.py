@@ -525,6 +525,33 @@ class _CountingTrainer(Trainer):
             handle.remove()
 
 
+def test_compare_again_goes_on_from_the_runs_checkpoints(tmp_path, monkeypatch):
+    """The same comparison into the same folder trains nothing twice: a finished run is read back
+    from its checkpoint, a run stopped part way goes on from its newest one and ends as it would
+    have; a config that would change what a run was trained with is refused, naming --out."""
+    config = load_config(None, [*TINY, "optim.epochs=3", "compare.pid=false", "compare.methods=[nokd, vid]",
+                                "compare.teachers=[trained]"])  # fmt: skip
+    out = tmp_path / "cmp"
+    rows = run_compare(config, out, seeds=1, workers=1)
+    vid = out / "runs" / "vid_trained_seed0"
+
+    def metrics():  # but the timings
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(vid / "metrics.csv"))]
+
+    before = metrics()
+    for name in ("latest.pt", "best.pt"):  # vid stopped after its second epoch (of three)
+        (vid / "ckpt" / name).unlink()
+    monkeypatch.setattr(compare, "Trainer", _CountingTrainer)
+    _CountingTrainer.student_steps = {}
+    with pytest.warns(ResumeWarning, match="latest.pt is missing; resuming from .*previous.pt"):
+        assert run_compare(config, out, seeds=1, workers=1) == rows
+    assert _CountingTrainer.student_steps == {"nokd_trained": 0, "vid_trained": 4}  # vid's third epoch only
+    assert metrics() == before
+    changed = dataclasses.replace(config, optim=dataclasses.replace(config.optim, lr=0.1))
+    with pytest.raises(ValueError, match=r"holds an earlier comparison.*optim.lr: 0.05 → 0.1.*another --out"):
+        run_compare(changed, out, seeds=1, workers=1)
+
+
 @pytest.mark.parametrize("unit,epochs,rid_epochs", [("epoch", 7, 9), ("step", 7, 10)])
 def test_compare_gives_every_student_the_same_number_of_optimizer_steps(
     tmp_path, monkeypatch, unit, epochs, rid_epochs

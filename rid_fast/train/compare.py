@@ -34,7 +34,7 @@ from rid_fast.train.atomic import write_csv_atomic, write_text_atomic
 from rid_fast.train.config import BASELINE, ExperimentConfig, check
 from rid_fast.train.data import Dataset, load_dataset, split
 from rid_fast.train.distillers import check_models, steps_per_epoch
-from rid_fast.train.loop import Trainer
+from rid_fast.train.loop import CHECKPOINT_NAMES, Trainer
 from rid_fast.train.measure import format_spread, layer_label, layer_rows, pid_table, run_identity
 from rid_fast.train.supervised import resolve_device
 from rid_fast.train.teachers import make_teacher
@@ -59,7 +59,10 @@ def run_compare(
     progress: bool = False,
     workers: int | None = None,
 ) -> list[dict]:
-    """Train every method with every teacher for each seed; returns the summary rows.
+    """Train every method with every teacher for each seed; returns the summary rows. Runs that
+    ``out_dir`` already holds (an earlier comparison into it, stopped or finished) go on from their
+    newest checkpoints, so the same call again finishes a stopped comparison (``ValueError`` if
+    the config would change what such a run was trained with).
 
     Runs are independent, so ``workers`` processes train them side by side (default: one per CPU
     core on the CPU — small students gain more from this than from threads — and one on a GPU),
@@ -212,7 +215,19 @@ def _run_one(config: ExperimentConfig, out_dir: Path, seed: int, method: str, ki
     run_config = _seed_config(config, out_dir, seed, method, kind)
     dataset, data_split, teacher = _teacher(run_config, out_dir)
     trainer = Trainer(run_config, dataset=dataset, data_split=data_split, teacher=teacher)
-    final = trainer.train()
+    # A run the folder already holds (an earlier comparison into it, stopped or finished) goes on
+    # from its newest checkpoint instead of starting again: a stopped comparison loses nothing.
+    run_dir = Path(run_config.run.out_dir)
+    earlier = any((run_dir / "ckpt" / name).exists() for name in CHECKPOINT_NAMES)
+    try:
+        final = trainer.train(resume=earlier)
+    except ValueError as error:
+        if not earlier:
+            raise
+        raise ValueError(
+            f"{str(out_dir)!r} holds an earlier comparison, which goes on from its runs' checkpoints; its run "
+            f"{run_dir.name} cannot: {error}. Compare into another --out"
+        ) from None
     row = {"method": method, "teacher": kind, "seed": seed, "test_acc": round(final["test_acc"], 4)}
     if config.compare.pid:  # on the test set, like the accuracy
         row["pid"] = trainer.measure_pid()
