@@ -4,6 +4,7 @@ the discretisation protocol against scikit-learn, and bad inputs."""
 import importlib
 import json
 import math
+import re
 import warnings
 
 import numpy as np
@@ -399,6 +400,27 @@ def test_discretize_is_seeded_and_checks_inputs():
         pid.discretize(torch.randn(10, 3, generator=gen), n_components=4)
     with pytest.raises(ValueError, match="floating-point"):
         pid.discretize(torch.ones(10, 3, dtype=torch.int64))
+
+
+BAD_MEASURE_INPUTS = {
+    "student rows": (lambda t, s, y: (t, s[:40], y), {}, "student_reps must have shape (50, ...)"),
+    "float labels": (lambda t, s, y: (t, s, y.double()), {}, "labels must be a 1-D integer tensor"),
+    "NaN": (lambda t, s, y: (t, s * math.nan, y), {}, "student_reps must be finite"),
+    "empty": (lambda t, s, y: (t[:0], s[:0], y[:0]), {}, "teacher_reps must be a non-empty floating-point"),
+    "negative label": (lambda t, s, y: (t, s, y - 1), {}, "labels must be class indices ≥ 0; got -1"),
+    "label ≥ num_classes": (lambda t, s, y: (t, s, y), {"num_classes": 2}, "below num_classes = 2; got 2"),
+    "num_classes 0": (lambda t, s, y: (t, s, y), {"num_classes": 0}, "num_classes must be an int ≥ 1"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MEASURE_INPUTS.values(), ids=BAD_MEASURE_INPUTS.keys())
+def test_measure_names_what_is_wrong(case):
+    make, options, message = case
+    gen = torch.Generator().manual_seed(0)
+    reps = torch.randn(50, 6, generator=gen), torch.randn(50, 4, generator=gen)
+    labels = torch.arange(50) % 3
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pid.measure(*make(*reps, labels), n_components=3, **options)
 
 
 def test_measure_a_student_that_copies_the_teacher():

@@ -100,13 +100,18 @@ def discretize(
     Returns:
         (n,) int64 cluster labels on ``x``'s device.
     """
+    return _discretize(x, "x", n_components, n_clusters, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol)
+
+
+def _discretize(x: Tensor, name: str, n_components: int, n_clusters: int, *, seed, n_init, max_iter, tol) -> Tensor:
+    """:func:`discretize`, its errors naming ``x`` as ``name``."""
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty floating-point tensor (n, ...); got {_describe(x)}")
+        raise ValueError(f"{name} must be a non-empty floating-point tensor (n, ...); got {_describe(x)}")
     if not 1 <= n_clusters <= x.shape[0]:
         raise ValueError(f"n_clusters must be in [1, n = {x.shape[0]}]; got {n_clusters}")
     flat = x.detach().flatten(1).to(torch.float64)
     if not bool(torch.isfinite(flat).all()):
-        raise ValueError("x must be finite; it holds NaN or Inf")
+        raise ValueError(f"{name} must be finite; it holds NaN or Inf")
     if not 1 <= n_components <= min(flat.shape):
         raise ValueError(f"n_components must be in [1, min(n, features) = {min(flat.shape)}]; got {n_components}")
     flat = torch.nn.functional.normalize(flat, dim=1)
@@ -156,8 +161,16 @@ def measure(
     for name, reps in (("teacher_reps", teacher_reps), ("student_reps", student_reps)):
         if not isinstance(reps, Tensor) or reps.dim() < 2 or reps.shape[0] != n:
             raise ValueError(f"{name} must have shape ({n}, ...) to match labels; got {_describe(reps)}")
-    t = discretize(teacher_reps, n_components, n_clusters, seed=seed)
-    s = discretize(student_reps, n_components, n_clusters, seed=seed)
+    if n and int(labels.min()) < 0:
+        raise ValueError(f"labels must be class indices ≥ 0; got {int(labels.min())}")
+    if num_classes is not None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int ≥ 1 (or None: max label + 1); got {num_classes!r}")
+        if n and int(labels.max()) >= num_classes:
+            raise ValueError(f"labels must be below num_classes = {num_classes}; got {int(labels.max())}")
+    options = {"seed": seed, "n_init": 10, "max_iter": 300, "tol": 1e-4}
+    t = _discretize(teacher_reps, "teacher_reps", n_components, n_clusters, **options)
+    s = _discretize(student_reps, "student_reps", n_components, n_clusters, **options)
     labels = labels.to(t.device, torch.int64)
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     return broja(joint_distribution(labels, t, s, num_classes, n_clusters, n_clusters), tol=tol)
