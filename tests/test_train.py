@@ -195,6 +195,8 @@ def test_flat_method_keys_name_their_new_place(override, new_key):
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(FileNotFoundError, match="is a folder, not a YAML file"):
+        load_config(tmp_path)
 
 
 def test_atomic_checkpoint_round_trip(tmp_path):

@@ -511,7 +511,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+            why = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"config file {str(path)!r} {why}")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
