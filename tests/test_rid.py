@@ -254,6 +254,10 @@ def test_features_of_the_wrong_shape_or_batch_are_refused(estimator):
         rid.student_phase_loss(teacher, [student[0], torch.randn(6, 4, 8, 8)])
     with pytest.raises(ValueError, match=r"student_feats\[0\] has batch size 5 but teacher_feats\[0\] has 6"):
         rid.student_phase_loss(teacher, [torch.randn(5, 8), student[1]])
+    with pytest.raises(ValueError, match=r"teacher_feats\[0\] is an empty batch \(0 rows\)"):
+        rid.student_phase_loss([t[:0] for t in teacher], [s[:0] for s in student])
+    with pytest.raises(ValueError, match=r"teacher_feats\[0\] has batch size 1: in training mode"):
+        rid.student_phase_loss([t[:1] for t in teacher], [s[:1] for s in student])
     with pytest.raises(ValueError, match=r"teacher_feats: expected 2 layers .* got 1"):
         rid.student_phase_loss(teacher[:1], student)
     with pytest.raises(ValueError, match=r"labels: expected shape \(6,\)"):

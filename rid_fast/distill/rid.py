@@ -399,6 +399,14 @@ class RIDLoss(nn.Module):
                     )
                 if batch is None:
                     batch = (feature.shape[0], f"{name}[{k}]")
+                    if not batch[0]:
+                        raise ValueError(f"{name}[{k}] is an empty batch (0 rows); the loss needs at least one example")
+                    batch_norm = any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in self.modules())
+                    if batch[0] == 1 and self.training and batch_norm:
+                        raise ValueError(
+                            f"{name}[{k}] has batch size 1: in training mode the filters' BatchNorm needs at least "
+                            "2 examples per batch (call .eval() to evaluate single examples)"
+                        )
                 elif feature.shape[0] != batch[0]:
                     raise ValueError(
                         f"{name}[{k}] has batch size {feature.shape[0]} but {batch[1]} has {batch[0]}: teacher and "
