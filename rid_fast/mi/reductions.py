@@ -126,13 +126,18 @@ class ScoreReductions:
         """log Σ exp over every row of the batch of a per-row statistic (B,)."""
         return torch.logsumexp(rows, dim=0)
 
+    #: Whether :meth:`mean_cross_entropy_rows` may take the streaming path's one-sweep op, which
+    #: reduces this process's own q and k (not the subclasses' pairwise factors or global batch).
+    one_sweep_mean = True
+
     def mean_cross_entropy_rows(self) -> Tensor:
         """The mean of :meth:`cross_entropy_rows`; when training on the streaming path where it pays,
         with the gradients computed in the forward's own sweep
         (:func:`rid_fast.ops.streaming.cross_entropy_rows_mean_and_grad`)."""
-        q, k, scale, backend = self.q, self.k, self.scale, self.backend
-        if backend == "torch" and wants_grad(q, k, scale) and one_sweep_pays(q.shape[0], k.shape[0], q.dtype):
-            return library.cross_entropy_rows_mean_with_grad(q, k, scale)[0]
+        if self.one_sweep_mean and self.backend == "torch" and self.wants_grad():
+            q, k, scale = self.q, self.k, self.scale
+            if one_sweep_pays(q.shape[0], k.shape[0], q.dtype):
+                return library.cross_entropy_rows_mean_with_grad(q, k, scale)[0]
         return self.mean(self.cross_entropy_rows())
 
 
@@ -165,8 +170,7 @@ class PairwiseReductions(ScoreReductions):
     def softplus_negatives(self) -> Tensor:
         return library.pairwise_softplus_negatives(*self.factors, self.backend)
 
-    def mean_cross_entropy_rows(self) -> Tensor:
-        return self.mean(self.cross_entropy_rows())
+    one_sweep_mean = False
 
 
 class _GroupReductions(ScoreReductions):
@@ -190,8 +194,7 @@ class _GroupReductions(ScoreReductions):
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         return self.sum(torch.exp(rows - shift)).log() + shift
 
-    def mean_cross_entropy_rows(self) -> Tensor:
-        return self.mean(self.cross_entropy_rows())
+    one_sweep_mean = False
 
 
 class GatheredReductions(_GroupReductions):
