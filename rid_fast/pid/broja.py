@@ -85,6 +85,9 @@ _Q_FLOOR = 1e-30  # smallest entry of Q on the support (rounding could zero one 
 _FEASIBLE = 1e-13  # largest marginal error of an iterate whose entropy counts as a lower bound
 _PROJECT_SWEEPS = 100  # most sweeps of iterative proportional fitting per projection onto Δ_P
 _PROJECTED = 1e-15  # marginal error at which the projection stops early
+# ... and the relative error of every marginal it also needs: far above the rounding of a sum of
+# |T| or |S| positive terms (a few 1e-15), far below anything that moves log Q by more than that.
+_PROJECTED_RELATIVE = 1e-12
 _TINY = 1e-300  # floor of divisors that are 0 only where their result is masked out
 _START_MIX = 1e-3  # the fraction of the product distribution P(y,t)P(y,s)/P(y) in the scaled start
 # The Newton system.
@@ -369,9 +372,14 @@ class _Newton:
         for _ in range(_REFINE):
             res_t = direction.sum(3) + drift_t
             res_s = direction.sum(2) + drift_s
-            if max(float(res_t.abs().max()), float(res_s.abs().max())) <= _REFINED:
+            # Only the distributions whose direction misses the constraints are refined: how
+            # many refinements one gets must not depend on the batch it is solved in.
+            residual = torch.maximum(res_t.abs().flatten(1).amax(1), res_s.abs().flatten(1).amax(1))
+            refine = residual > _REFINED  # (n,)
+            if not bool(refine.any()):
                 break
             d_lam, d_mu = self._multipliers(None, res_t, res_s)
+            d_lam, d_mu = torch.where(refine[:, None, None], d_lam, 0.0), torch.where(refine[:, None, None], d_mu, 0.0)
             direction = direction - self._k_inverse(d_lam[..., None] + d_mu[:, :, None, :])
             lam, mu = lam + d_lam, mu + d_mu
         return direction, lam, mu
@@ -502,29 +510,41 @@ def _fit_marginals(q: Tensor, p_yt: Tensor, p_ys: Tensor, sweeps: int = _PROJECT
     its largest marginal error (n,) (:func:`_marginal_error`). Zero entries stay zero, so the fit
     stays on q's support (converging when that support holds a feasible point).
 
-    Stops after ``sweeps``, or once every marginal of every distribution is within _PROJECTED.
-    That is read on the host (a device sync) only after sweeps 1, 2, 4, 8, …: at most
-    1 + log₂(sweeps) reads instead of one a sweep, for at most twice the sweeps the batch needs.
-    The extra sweeps do no harm, and the batch sweeps as one: the error is absolute, and rows of
-    tiny mass (entries spanning hundreds of decades) can be within it long before they fit
-    relatively; stopping each distribution on its own left some of those with multipliers
-    (from log Q) so far off that their dual bound stayed above 1e16 bits."""
+    Each distribution stops on its own, after ``sweeps`` or once it has *converged*: every
+    marginal within _PROJECTED and within a fraction _PROJECTED_RELATIVE of its own mass. The
+    absolute test alone is met long before rows of tiny mass (entries spanning hundreds of
+    decades) fit: a row of mass 2e-62 was left off by a factor of 3, and the multipliers Newton
+    then derives from log Q held the dual bound above 1e16 bits. Sweeping such a distribution
+    until the rest of its batch had converged hid that, and made its answer depend on the batch
+    it was solved in; a converged distribution is left as it is, so the sweeps it gets depend
+    on it alone. Convergence is read on the host (a device sync) only after sweeps 1, 2, 4,
+    8, …: at most 1 + log₂(sweeps) reads instead of one a sweep, for at most twice the sweeps a
+    distribution needs."""
+    fitting = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)  # (n,): not converged yet
     for sweep in range(1, sweeps + 1):
         rows = q.sum(3, keepdim=True)
-        q = q * torch.where(rows > 0, p_yt[..., None] / torch.where(rows > 0, rows, 1.0), 0.0)
-        cols = q.sum(2, keepdim=True)
-        q = q * torch.where(cols > 0, p_ys[:, :, None] / torch.where(cols > 0, cols, 1.0), 0.0)
+        fitted = q * torch.where(rows > 0, p_yt[..., None] / torch.where(rows > 0, rows, 1.0), 0.0)
+        cols = fitted.sum(2, keepdim=True)
+        fitted = fitted * torch.where(cols > 0, p_ys[:, :, None] / torch.where(cols > 0, cols, 1.0), 0.0)
+        q = torch.where(fitting[:, None, None, None], fitted, q)
         if sweep & (sweep - 1) == 0 or sweep == sweeps:  # a power of two, or the last
-            error = _marginal_error(q, p_yt, p_ys)
-            if sweep < sweeps and float(error.max()) <= _PROJECTED:
+            error, relative = _marginal_error(q, p_yt, p_ys, relative=True)
+            fitting = fitting & ((error > _PROJECTED) | (relative > _PROJECTED_RELATIVE))
+            if not bool(fitting.any()):
                 break
     return q, error
 
 
-def _marginal_error(q: Tensor, p_yt: Tensor, p_ys: Tensor) -> Tensor:
-    """Largest deviation of Q's (y, t) and (y, s) marginals from ``p_yt``, ``p_ys``; (n,)."""
-    rows = (q.sum(3) - p_yt).abs().flatten(1).amax(1)
-    return torch.maximum(rows, (q.sum(2) - p_ys).abs().flatten(1).amax(1))
+def _marginal_error(q: Tensor, p_yt: Tensor, p_ys: Tensor, relative: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Largest deviation of Q's (y, t) and (y, s) marginals from ``p_yt``, ``p_ys``; (n,). With
+    ``relative``, also the largest deviation as a fraction of the marginal's own mass; (n,)."""
+    rows, cols = (q.sum(3) - p_yt).abs(), (q.sum(2) - p_ys).abs()  # (n, Y, T), (n, Y, S)
+    error = torch.maximum(rows.flatten(1).amax(1), cols.flatten(1).amax(1))
+    if not relative:
+        return error
+    # A marginal of mass 0 has an empty row of Q (off the support), matched exactly.
+    rows, cols = rows / torch.where(p_yt > 0, p_yt, 1.0), cols / torch.where(p_ys > 0, p_ys, 1.0)
+    return error, torch.maximum(rows.flatten(1).amax(1), cols.flatten(1).amax(1))
 
 
 @dataclass
