@@ -4,6 +4,7 @@ the discretisation protocol against scikit-learn, and bad inputs."""
 import importlib
 import json
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -327,24 +328,34 @@ def test_a_distribution_gets_the_same_answer_alone_as_in_its_batch():
             assert abs(getattr(alone, atom) - float(getattr(batch, atom)[i])) <= 2 * tol + ROUNDING, (i, atom)
 
 
-def test_lapack_calls_run_on_one_thread_and_the_thread_count_is_restored(monkeypatch):
-    """The batched Cholesky factorisations and triangular solves run with one torch thread (no
-    OpenMP barriers for a busy neighbour process to stall); the caller's count is left as it was."""
+def test_a_batch_runs_in_one_chunk_per_thread_and_lapack_on_one_thread(monkeypatch):
+    """On two torch threads a batch is solved as two chunks, each on a Python thread of its own
+    with one torch thread (no OpenMP barriers for a busy neighbour process to stall); the batched
+    Cholesky factorisations and triangular solves run on one thread; the caller's count is left as
+    it was, and the chunks' answers are those of the whole batch solved on one thread."""
     seen = []
     for name in ("cholesky_ex", "solve_triangular"):
         original = getattr(torch.linalg, name)
-        monkeypatch.setattr(
-            torch.linalg, name, lambda *a, _f=original, **k: seen.append(torch.get_num_threads()) or _f(*a, **k)
-        )
+        record = lambda *a, _f=original, **k: (
+            seen.append((torch.get_num_threads(), threading.get_ident())) or _f(*a, **k)
+        )  # noqa: E731
+        monkeypatch.setattr(torch.linalg, name, record)
+    p = random_distributions(4, (3, 4, 2), seed=5)
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
-        result = pid.broja_batch(random_distributions(4, (3, 4, 2), seed=5))
+        torch.set_num_threads(2)
+        result = pid.broja_batch(p)
         assert torch.get_num_threads() == 2
+        assert {count for count, _ in seen} == {1} and len({ident for _, ident in seen}) == 2
+        seen.clear()
+        torch.set_num_threads(1)
+        whole = pid.broja_batch(p)
+        assert len({ident for _, ident in seen}) == 1
     finally:
         torch.set_num_threads(threads)
-    assert seen and set(seen) == {1}
     assert bool((result.gap <= 1e-8 / pid.LN2).all())
+    for atom in ATOMS:  # the same computation per distribution, in either case
+        torch.testing.assert_close(getattr(result, atom), getattr(whole, atom), rtol=0, atol=2 * 1e-8 / pid.LN2)
 
 
 @pytest.mark.slow

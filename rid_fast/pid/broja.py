@@ -69,6 +69,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -215,10 +216,10 @@ class _Factors(NamedTuple):
 
 
 @contextlib.contextmanager
-def _one_lapack_thread(device: torch.device):
-    """Run the enclosed batched LAPACK calls (Cholesky, triangular solves) on one CPU thread, then
-    restore the caller's thread count (``torch.set_num_threads`` is the process's setting: the
-    solver leaves it as it found it, inside the trainer as anywhere).
+def _one_thread(device: torch.device):
+    """Run the enclosed torch calls on one CPU thread, then restore the caller's thread count
+    (``torch.set_num_threads`` is the process's setting: the solver leaves it as it found it,
+    inside the trainer as anywhere). On a GPU this does nothing.
 
     On the CPU, torch runs a batched factorisation as one LAPACK call per matrix, and for
     matrices of |Y|·|S| ≤ a few hundred rows each call splits into several short OpenMP parallel
@@ -226,9 +227,9 @@ def _one_lapack_thread(device: torch.device):
     when another process holds a core (training beside ``rid-fast pid`` or ``pid_every``, a
     data loader, anything) every barrier waits for a descheduled thread: on two cores beside one
     busy process a factorisation was seen to take 8–12 times as long. On one thread the calls
-    have no barriers, and a competing process takes at most its share of the core. The large
-    element-wise passes and the batched matrix product that assembles the system stay
-    multi-threaded (one parallel region each, not one per matrix). On a GPU this does nothing."""
+    have no barriers, and a competing process takes at most its share of the core. :func:`_solve`
+    runs a whole chunk of the batch this way, one chunk per core; a batch solved as one chunk
+    (one thread, or one distribution) keeps only its LAPACK calls here."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield
@@ -321,7 +322,7 @@ class _Newton:
         m_ss = (right * c.transpose(1, 2)[:, :, None]) @ right.transpose(2, 3)  # (n, S, Y, Y)
         m_ss.diagonal(dim1=2, dim2=3).add_((w.sum(2) * d_s * d_s + ~self.active_s + _RIDGE).transpose(1, 2))
         eye = torch.eye(Y, dtype=q.dtype, device=q.device)
-        with _one_lapack_thread(q.device):
+        with _one_thread(q.device):
             l_tt, info = torch.linalg.cholesky_ex(m_tt)
             if bool((info != 0).any()):  # a block left (numerically) singular by rounding: a larger ridge
                 l_tt = torch.linalg.cholesky(m_tt + _RIDGE_FALLBACK * eye)
@@ -338,7 +339,7 @@ class _Newton:
         # schur = Uᵀ U, factored through column-major views (the same matrix, as it is symmetric):
         # LAPACK then needs no layout copy, about 40 % faster. ``factor`` holds L = Uᵀ, row-major.
         factor = self._buffer("factor", schur.shape, q)
-        with _one_lapack_thread(q.device):
+        with _one_thread(q.device):
             _, info = torch.linalg.cholesky_ex(schur.mT, upper=True, out=(factor.mT, self._info))
         self._state = _Factors(
             q=q,
@@ -404,7 +405,7 @@ class _Newton:
         rhs = r_s - self._m_ts_transposed(_m_tt_solve(f.l_inv, r_t))
         rhs = rhs.reshape(n, Y * S, 1)
         # Two triangular solves: faster than cholesky_solve for a batch of small systems.
-        with _one_lapack_thread(rhs.device):
+        with _one_thread(rhs.device):
             nu_s = torch.linalg.solve_triangular(f.factor, rhs, upper=False)
             nu_s = torch.linalg.solve_triangular(f.factor.mH, nu_s, upper=True)
             if f.failed.numel():  # left (numerically) indefinite by rounding: LU instead
@@ -767,11 +768,13 @@ def _check_options(tol: float, max_iter: int) -> None:
         raise ValueError(f"max_iter must be a positive integer; got {max_iter!r}")
 
 
-def _solve(p: Tensor, tol: float, max_iter: int, start: _Start = _SCALED_START) -> PID:
-    """:func:`broja_batch` on an already checked float64 batch, from ``start``."""
+def _bounds(p: Tensor, tol: float, max_iter: int, start: _Start) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The Newton steps of :func:`_solve` on the batch ``p`` (n, Y, T, S): certified bounds on
+    max H_Q(Y|T,S) (``lower``, ``upper``, (n,) nats), each distribution's Newton steps (n,) and the
+    batch's."""
     transposed = p.shape[3] > p.shape[2]
     batch = _Batch.start(_Newton(p.transpose(2, 3) if transposed else p), start)
-    # Certified bounds on max H_Q(Y|T,S) for the whole batch, filled in as distributions leave it.
+    # Filled in as distributions leave the batch.
     lower = torch.full((batch.problems.n,), -math.inf, dtype=p.dtype, device=p.device)
     upper = torch.full_like(lower, math.inf)
     steps = torch.zeros(len(lower), dtype=torch.long, device=p.device)
@@ -784,6 +787,25 @@ def _solve(p: Tensor, tol: float, max_iter: int, start: _Start = _SCALED_START) 
         if batch.step(tol):
             break
     batch.record(lower, upper, steps)
+    return lower, upper, steps, iterations
+
+
+def _solve(p: Tensor, tol: float, max_iter: int, start: _Start = _SCALED_START) -> PID:
+    """:func:`broja_batch` on an already checked float64 batch, from ``start``.
+
+    On the CPU the batch is split into one chunk per torch thread, each solved on a Python
+    thread of its own with one torch thread (torch releases the GIL inside its ops): both cores
+    stay busy without OpenMP, whose threads spin at every barrier of a parallel region and stall
+    whenever a competing process holds a core (:func:`_one_thread`). A distribution's answer does
+    not depend on the batch it is solved in, so chunking does not change it."""
+    chunks = torch.tensor_split(p, min(torch.get_num_threads(), len(p))) if p.device.type == "cpu" else (p,)
+    if len(chunks) == 1:
+        lower, upper, steps, iterations = _bounds(p, tol, max_iter, start)
+    else:
+        with _one_thread(p.device), ThreadPoolExecutor(len(chunks)) as pool:
+            parts = list(pool.map(lambda chunk: _bounds(chunk, tol, max_iter, start), chunks))
+        lower, upper, steps = (torch.cat(part) for part in list(zip(*parts))[:3])
+        iterations = max(part[3] for part in parts)
     gap = upper - lower  # nats
     missed = gap > tol
     if bool(missed.any()):
