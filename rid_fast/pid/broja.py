@@ -69,6 +69,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -85,6 +86,9 @@ _Q_FLOOR = 1e-30  # smallest entry of Q on the support (rounding could zero one 
 _FEASIBLE = 1e-13  # largest marginal error of an iterate whose entropy counts as a lower bound
 _PROJECT_SWEEPS = 100  # most sweeps of iterative proportional fitting per projection onto Δ_P
 _PROJECTED = 1e-15  # marginal error at which the projection stops early
+# ... and the relative error of every marginal it also needs: far above the rounding of a sum of
+# |T| or |S| positive terms (a few 1e-15), far below anything that moves log Q by more than that.
+_PROJECTED_RELATIVE = 1e-12
 _TINY = 1e-300  # floor of divisors that are 0 only where their result is masked out
 _START_MIX = 1e-3  # the fraction of the product distribution P(y,t)P(y,s)/P(y) in the scaled start
 # The Newton system.
@@ -212,10 +216,10 @@ class _Factors(NamedTuple):
 
 
 @contextlib.contextmanager
-def _one_lapack_thread(device: torch.device):
-    """Run the enclosed batched LAPACK calls (Cholesky, triangular solves) on one CPU thread, then
-    restore the caller's thread count (``torch.set_num_threads`` is the process's setting: the
-    solver leaves it as it found it, inside the trainer as anywhere).
+def _one_thread(device: torch.device):
+    """Run the enclosed torch calls on one CPU thread, then restore the caller's thread count
+    (``torch.set_num_threads`` is the process's setting: the solver leaves it as it found it,
+    inside the trainer as anywhere). On a GPU this does nothing.
 
     On the CPU, torch runs a batched factorisation as one LAPACK call per matrix, and for
     matrices of |Y|·|S| ≤ a few hundred rows each call splits into several short OpenMP parallel
@@ -223,9 +227,9 @@ def _one_lapack_thread(device: torch.device):
     when another process holds a core (training beside ``rid-fast pid`` or ``pid_every``, a
     data loader, anything) every barrier waits for a descheduled thread: on two cores beside one
     busy process a factorisation was seen to take 8–12 times as long. On one thread the calls
-    have no barriers, and a competing process takes at most its share of the core. The large
-    element-wise passes and the batched matrix product that assembles the system stay
-    multi-threaded (one parallel region each, not one per matrix). On a GPU this does nothing."""
+    have no barriers, and a competing process takes at most its share of the core. :func:`_solve`
+    runs a whole chunk of the batch this way, one chunk per core; a batch solved as one chunk
+    (one thread, or one distribution) keeps only its LAPACK calls here."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield
@@ -318,7 +322,7 @@ class _Newton:
         m_ss = (right * c.transpose(1, 2)[:, :, None]) @ right.transpose(2, 3)  # (n, S, Y, Y)
         m_ss.diagonal(dim1=2, dim2=3).add_((w.sum(2) * d_s * d_s + ~self.active_s + _RIDGE).transpose(1, 2))
         eye = torch.eye(Y, dtype=q.dtype, device=q.device)
-        with _one_lapack_thread(q.device):
+        with _one_thread(q.device):
             l_tt, info = torch.linalg.cholesky_ex(m_tt)
             if bool((info != 0).any()):  # a block left (numerically) singular by rounding: a larger ridge
                 l_tt = torch.linalg.cholesky(m_tt + _RIDGE_FALLBACK * eye)
@@ -335,7 +339,7 @@ class _Newton:
         # schur = Uᵀ U, factored through column-major views (the same matrix, as it is symmetric):
         # LAPACK then needs no layout copy, about 40 % faster. ``factor`` holds L = Uᵀ, row-major.
         factor = self._buffer("factor", schur.shape, q)
-        with _one_lapack_thread(q.device):
+        with _one_thread(q.device):
             _, info = torch.linalg.cholesky_ex(schur.mT, upper=True, out=(factor.mT, self._info))
         self._state = _Factors(
             q=q,
@@ -369,9 +373,14 @@ class _Newton:
         for _ in range(_REFINE):
             res_t = direction.sum(3) + drift_t
             res_s = direction.sum(2) + drift_s
-            if max(float(res_t.abs().max()), float(res_s.abs().max())) <= _REFINED:
+            # Only the distributions whose direction misses the constraints are refined: how
+            # many refinements one gets must not depend on the batch it is solved in.
+            residual = torch.maximum(res_t.abs().flatten(1).amax(1), res_s.abs().flatten(1).amax(1))
+            refine = residual > _REFINED  # (n,)
+            if not bool(refine.any()):
                 break
             d_lam, d_mu = self._multipliers(None, res_t, res_s)
+            d_lam, d_mu = torch.where(refine[:, None, None], d_lam, 0.0), torch.where(refine[:, None, None], d_mu, 0.0)
             direction = direction - self._k_inverse(d_lam[..., None] + d_mu[:, :, None, :])
             lam, mu = lam + d_lam, mu + d_mu
         return direction, lam, mu
@@ -396,7 +405,7 @@ class _Newton:
         rhs = r_s - self._m_ts_transposed(_m_tt_solve(f.l_inv, r_t))
         rhs = rhs.reshape(n, Y * S, 1)
         # Two triangular solves: faster than cholesky_solve for a batch of small systems.
-        with _one_lapack_thread(rhs.device):
+        with _one_thread(rhs.device):
             nu_s = torch.linalg.solve_triangular(f.factor, rhs, upper=False)
             nu_s = torch.linalg.solve_triangular(f.factor.mH, nu_s, upper=True)
             if f.failed.numel():  # left (numerically) indefinite by rounding: LU instead
@@ -502,29 +511,41 @@ def _fit_marginals(q: Tensor, p_yt: Tensor, p_ys: Tensor, sweeps: int = _PROJECT
     its largest marginal error (n,) (:func:`_marginal_error`). Zero entries stay zero, so the fit
     stays on q's support (converging when that support holds a feasible point).
 
-    Stops after ``sweeps``, or once every marginal of every distribution is within _PROJECTED.
-    That is read on the host (a device sync) only after sweeps 1, 2, 4, 8, …: at most
-    1 + log₂(sweeps) reads instead of one a sweep, for at most twice the sweeps the batch needs.
-    The extra sweeps do no harm, and the batch sweeps as one: the error is absolute, and rows of
-    tiny mass (entries spanning hundreds of decades) can be within it long before they fit
-    relatively; stopping each distribution on its own left some of those with multipliers
-    (from log Q) so far off that their dual bound stayed above 1e16 bits."""
+    Each distribution stops on its own, after ``sweeps`` or once it has *converged*: every
+    marginal within _PROJECTED and within a fraction _PROJECTED_RELATIVE of its own mass. The
+    absolute test alone is met long before rows of tiny mass (entries spanning hundreds of
+    decades) fit: a row of mass 2e-62 was left off by a factor of 3, and the multipliers Newton
+    then derives from log Q held the dual bound above 1e16 bits. Sweeping such a distribution
+    until the rest of its batch had converged hid that, and made its answer depend on the batch
+    it was solved in; a converged distribution is left as it is, so the sweeps it gets depend
+    on it alone. Convergence is read on the host (a device sync) only after sweeps 1, 2, 4,
+    8, …: at most 1 + log₂(sweeps) reads instead of one a sweep, for at most twice the sweeps a
+    distribution needs."""
+    fitting = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)  # (n,): not converged yet
     for sweep in range(1, sweeps + 1):
         rows = q.sum(3, keepdim=True)
-        q = q * torch.where(rows > 0, p_yt[..., None] / torch.where(rows > 0, rows, 1.0), 0.0)
-        cols = q.sum(2, keepdim=True)
-        q = q * torch.where(cols > 0, p_ys[:, :, None] / torch.where(cols > 0, cols, 1.0), 0.0)
+        fitted = q * torch.where(rows > 0, p_yt[..., None] / torch.where(rows > 0, rows, 1.0), 0.0)
+        cols = fitted.sum(2, keepdim=True)
+        fitted = fitted * torch.where(cols > 0, p_ys[:, :, None] / torch.where(cols > 0, cols, 1.0), 0.0)
+        q = torch.where(fitting[:, None, None, None], fitted, q)
         if sweep & (sweep - 1) == 0 or sweep == sweeps:  # a power of two, or the last
-            error = _marginal_error(q, p_yt, p_ys)
-            if sweep < sweeps and float(error.max()) <= _PROJECTED:
+            error, relative = _marginal_error(q, p_yt, p_ys, relative=True)
+            fitting = fitting & ((error > _PROJECTED) | (relative > _PROJECTED_RELATIVE))
+            if not bool(fitting.any()):
                 break
     return q, error
 
 
-def _marginal_error(q: Tensor, p_yt: Tensor, p_ys: Tensor) -> Tensor:
-    """Largest deviation of Q's (y, t) and (y, s) marginals from ``p_yt``, ``p_ys``; (n,)."""
-    rows = (q.sum(3) - p_yt).abs().flatten(1).amax(1)
-    return torch.maximum(rows, (q.sum(2) - p_ys).abs().flatten(1).amax(1))
+def _marginal_error(q: Tensor, p_yt: Tensor, p_ys: Tensor, relative: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Largest deviation of Q's (y, t) and (y, s) marginals from ``p_yt``, ``p_ys``; (n,). With
+    ``relative``, also the largest deviation as a fraction of the marginal's own mass; (n,)."""
+    rows, cols = (q.sum(3) - p_yt).abs(), (q.sum(2) - p_ys).abs()  # (n, Y, T), (n, Y, S)
+    error = torch.maximum(rows.flatten(1).amax(1), cols.flatten(1).amax(1))
+    if not relative:
+        return error
+    # A marginal of mass 0 has an empty row of Q (off the support), matched exactly.
+    rows, cols = rows / torch.where(p_yt > 0, p_yt, 1.0), cols / torch.where(p_ys > 0, p_ys, 1.0)
+    return error, torch.maximum(rows.flatten(1).amax(1), cols.flatten(1).amax(1))
 
 
 @dataclass
@@ -747,11 +768,13 @@ def _check_options(tol: float, max_iter: int) -> None:
         raise ValueError(f"max_iter must be a positive integer; got {max_iter!r}")
 
 
-def _solve(p: Tensor, tol: float, max_iter: int, start: _Start = _SCALED_START) -> PID:
-    """:func:`broja_batch` on an already checked float64 batch, from ``start``."""
+def _bounds(p: Tensor, tol: float, max_iter: int, start: _Start) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The Newton steps of :func:`_solve` on the batch ``p`` (n, Y, T, S): certified bounds on
+    max H_Q(Y|T,S) (``lower``, ``upper``, (n,) nats), each distribution's Newton steps (n,) and the
+    batch's."""
     transposed = p.shape[3] > p.shape[2]
     batch = _Batch.start(_Newton(p.transpose(2, 3) if transposed else p), start)
-    # Certified bounds on max H_Q(Y|T,S) for the whole batch, filled in as distributions leave it.
+    # Filled in as distributions leave the batch.
     lower = torch.full((batch.problems.n,), -math.inf, dtype=p.dtype, device=p.device)
     upper = torch.full_like(lower, math.inf)
     steps = torch.zeros(len(lower), dtype=torch.long, device=p.device)
@@ -764,6 +787,25 @@ def _solve(p: Tensor, tol: float, max_iter: int, start: _Start = _SCALED_START) 
         if batch.step(tol):
             break
     batch.record(lower, upper, steps)
+    return lower, upper, steps, iterations
+
+
+def _solve(p: Tensor, tol: float, max_iter: int, start: _Start = _SCALED_START) -> PID:
+    """:func:`broja_batch` on an already checked float64 batch, from ``start``.
+
+    On the CPU the batch is split into one chunk per torch thread, each solved on a Python
+    thread of its own with one torch thread (torch releases the GIL inside its ops): both cores
+    stay busy without OpenMP, whose threads spin at every barrier of a parallel region and stall
+    whenever a competing process holds a core (:func:`_one_thread`). A distribution's answer does
+    not depend on the batch it is solved in, so chunking does not change it."""
+    chunks = torch.tensor_split(p, min(torch.get_num_threads(), len(p))) if p.device.type == "cpu" else (p,)
+    if len(chunks) == 1:
+        lower, upper, steps, iterations = _bounds(p, tol, max_iter, start)
+    else:
+        with _one_thread(p.device), ThreadPoolExecutor(len(chunks)) as pool:
+            parts = list(pool.map(lambda chunk: _bounds(chunk, tol, max_iter, start), chunks))
+        lower, upper, steps = (torch.cat(part) for part in list(zip(*parts))[:3])
+        iterations = max(part[3] for part in parts)
     gap = upper - lower  # nats
     missed = gap > tol
     if bool(missed.any()):
