@@ -4,18 +4,22 @@ The concat critic scores :math:`s_{ij} = \sum_h w_{2,h}\,\mathrm{relu}(a_{ih} + 
 ``a`` (B, H), ``c`` (N, H), ``w2`` (H,), ``b2`` () — see :mod:`rid_fast.ops.pairwise_reference`
 for the definitions. ``rid_fast/csrc/pairwise_critic.cpp`` computes every statistic the estimators
 need straight from those factors, a tile of scores at a time (OpenMP over row tiles, the H loop
-vectorised), and the gradients by recomputing the tiles in the backward (rows for ``da``, ``dw2``,
-``db2``; columns for ``dc``): memory O((B + N)·H), deterministic for any number of threads.
+vectorised), and the gradients by recomputing the tiles in one backward sweep that forms ``da``,
+``dc``, ``dw2`` and ``db2`` together (partials per fixed row group and column chunk, at most
+``GROUPS`` = 8 of each): memory O((B + N)·H), deterministic for any number of threads.
 
 The kernel is compiled on first use with :func:`torch.utils.cpp_extension.load` (ninja, the
-system's C++ compiler, ``-O3 -fopenmp``, ``-march=native``) into a cache directory,
+system's C++ compiler, ``-O3 -fopenmp -ffp-contract=off``, ``-march=native``; a line on stderr
+says so first, as it takes about a minute) into a cache directory,
 ``$RID_FAST_CACHE`` or ``~/.cache/rid_fast`` (``$XDG_CACHE_HOME/rid_fast``), under a name that
 hashes the source, the flags, the torch and Python versions and the CPU, so an edit, an upgrade
 or another machine sharing the home directory builds its own copy, and later processes load it in
 well under a second. ``-march=native`` because the build is per machine: the widest vectors the
 CPU has (AVX-512 doubles the lanes of AVX2), and the CPU's identity in the name keeps a shared
-cache from handing one machine's build to another. ``RID_FAST_PAIRWISE_MARCH=portable`` builds
-for the compiler's default target instead.
+cache from handing one machine's build to another; ``-mprefer-vector-width=512`` where that target
+has AVX-512, for the compiler's own loops. ``RID_FAST_PAIRWISE_MARCH=portable`` builds for the
+compiler's default target instead, any other value for that ``-march`` (``x86-64-v3``: AVX2).
+:func:`status` says whether this process loaded the build from the cache or built it.
 
 When the kernel cannot be built (no compiler, no ninja, a failed build) or is switched off
 (``RID_FAST_PAIRWISE_CPP=0``), :func:`status` says why and the estimators run the blocked
