@@ -4,18 +4,22 @@ The concat critic scores :math:`s_{ij} = \sum_h w_{2,h}\,\mathrm{relu}(a_{ih} + 
 ``a`` (B, H), ``c`` (N, H), ``w2`` (H,), ``b2`` () — see :mod:`rid_fast.ops.pairwise_reference`
 for the definitions. ``rid_fast/csrc/pairwise_critic.cpp`` computes every statistic the estimators
 need straight from those factors, a tile of scores at a time (OpenMP over row tiles, the H loop
-vectorised), and the gradients by recomputing the tiles in the backward (rows for ``da``, ``dw2``,
-``db2``; columns for ``dc``): memory O((B + N)·H), deterministic for any number of threads.
+vectorised), and the gradients by recomputing the tiles in one backward sweep that forms ``da``,
+``dc``, ``dw2`` and ``db2`` together (partials per fixed row group and column chunk, at most
+``GROUPS`` = 8 of each): memory O((B + N)·H), deterministic for any number of threads.
 
 The kernel is compiled on first use with :func:`torch.utils.cpp_extension.load` (ninja, the
-system's C++ compiler, ``-O3 -fopenmp``, ``-march=native``) into a cache directory,
+system's C++ compiler, ``-O3 -fopenmp -ffp-contract=off``, ``-march=native``; a line on stderr
+says so first, as it takes about a minute) into a cache directory,
 ``$RID_FAST_CACHE`` or ``~/.cache/rid_fast`` (``$XDG_CACHE_HOME/rid_fast``), under a name that
 hashes the source, the flags, the torch and Python versions and the CPU, so an edit, an upgrade
 or another machine sharing the home directory builds its own copy, and later processes load it in
 well under a second. ``-march=native`` because the build is per machine: the widest vectors the
 CPU has (AVX-512 doubles the lanes of AVX2), and the CPU's identity in the name keeps a shared
-cache from handing one machine's build to another. ``RID_FAST_PAIRWISE_MARCH=portable`` builds
-for the compiler's default target instead.
+cache from handing one machine's build to another; ``-mprefer-vector-width=512`` where that target
+has AVX-512, for the compiler's own loops. ``RID_FAST_PAIRWISE_MARCH=portable`` builds for the
+compiler's default target instead, any other value for that ``-march`` (``x86-64-v3``: AVX2).
+:func:`status` says whether this process loaded the build from the cache or built it.
 
 When the kernel cannot be built (no compiler, no ninja, a failed build) or is switched off
 (``RID_FAST_PAIRWISE_CPP=0``), :func:`status` says why and the estimators run the blocked
@@ -28,11 +32,13 @@ fp64 inputs), gradients in the inputs' dtype; 16-bit inputs are computed in fp32
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -78,13 +84,36 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(wanted))) or platform.machine()
 
 
+@functools.cache
+def _compiler_targets_avx512(compiler: str) -> bool:
+    """Whether ``compiler -march=native`` targets AVX-512 here (its predefined macros say)."""
+    try:
+        macros = subprocess.run(
+            [compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "__AVX512F__" in macros
+
+
 def _flags() -> list[str]:
-    if os.environ.get("RID_FAST_PAIRWISE_MARCH", "native") == "portable":
-        return ["-O3", "-fopenmp"]
-    # Some -mtune targets (znver1, skylake-avx512) prefer vectors narrower than the ISA's; the
-    # kernel's explicit 64-byte vectors then split into more, smaller instructions than needed.
-    wide = ["-mprefer-vector-width=512"] if platform.machine().lower() in ("x86_64", "amd64") else []
-    return ["-O3", "-fopenmp", "-march=native", *wide]
+    # -ffp-contract=off: the kernel writes its fused multiply-adds out; no other product and sum may
+    # be fused, or a pair's score could round differently in two loops that inline differently.
+    common = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    march = os.environ.get("RID_FAST_PAIRWISE_MARCH", "native")
+    if march == "portable":
+        return common
+    flags = [*common, f"-march={march}"]
+    # The kernel's vectors are as wide as the target's registers; the compiler's own loops (the
+    # partials' sums) follow -mprefer-vector-width, which some -mtune targets (znver3 and older,
+    # skylake-avx512) set below 512 bits. Only where the target has AVX-512 does 512 mean anything.
+    if march == "native" and _compiler_targets_avx512(os.environ.get("CXX", "c++")):
+        flags.append("-mprefer-vector-width=512")
+    return flags
 
 
 def cache_dir() -> Path:
@@ -129,6 +158,10 @@ def _build() -> tuple[ModuleType | None, str]:
         return None, "ninja is not installed (pip install ninja)"
     name = build_name()
     directory = cache_dir() / name
+    cached = (directory / f"{name}.so").exists()
+    if not cached:
+        # The first use on a machine (or after an upgrade) compiles for about a minute: say so.
+        print("rid_fast: building the pairwise-critic C++ kernel (first use, about a minute)...", file=sys.stderr)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         module = cpp_extension.load(
@@ -147,7 +180,8 @@ def _build() -> tuple[ModuleType | None, str]:
             f"the build failed ({type(error).__name__}: {' '.join(first_error.split())[:300]}); "
             f"build directory {directory}"
         )
-    return module, f"compiled with {compiler} {' '.join(_flags())}, cached in {directory}"
+    how = "loaded from the cache" if cached else "built now"
+    return module, f"{how}: compiled with {compiler} {' '.join(_flags())}, cached in {directory}"
 
 
 def load() -> ModuleType:
